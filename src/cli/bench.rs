@@ -1,0 +1,147 @@
+//! `memlora bench`: load time, prefill and decode speed, time to first token,
+//! adapter switching cost and peak memory of the chosen model.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use memlora::adapters::LoraAdapter;
+use memlora::engine::TargetModule;
+use serde_json::json;
+
+use super::Env;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Model name or path (default: the configured model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    /// Tokens generated after the prompt.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// Runs of each measurement; the best is reported (the first warms caches).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also measure with a random LoRA adapter of this rank active.
+    #[arg(long, value_name = "RANK")]
+    lora_rank: Option<usize>,
+    /// Projections the random adapter targets.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    lora_targets: Vec<String>,
+    /// LoRA adapters (NAME|DIR[=SCALE]) active during the measurement.
+    #[arg(long = "adapter")]
+    adapters: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
+    let model_name = args.model.clone().unwrap_or_else(|| env.config.model.clone());
+    let (mut chat, active) = env.load_chat_model(&model_name, &args.adapters)?;
+    let repeat = args.repeat.max(1);
+    let best = |chat: &mut memlora::engine::ChatModel, active: &[(String, f32)]| -> anyhow::Result<memlora::engine::SpeedRun> {
+        let mut best: Option<memlora::engine::SpeedRun> = None;
+        for _ in 0..repeat {
+            let run = chat.measure_speed(args.prompt_tokens, args.steps, active)?;
+            let better = best.as_ref().is_none_or(|b| run.decode_seconds + run.prefill_seconds < b.decode_seconds + b.prefill_seconds);
+            if better {
+                best = Some(run);
+            }
+        }
+        Ok(best.expect("repeat >= 1"))
+    };
+    let base = best(&mut chat, &active)?;
+
+    let mut lora = None;
+    if let Some(rank) = args.lora_rank {
+        let targets = args
+            .lora_targets
+            .iter()
+            .map(|t| TargetModule::from_hf_name(t).with_context(|| format!("unknown LoRA target '{t}' (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let adapter = LoraAdapter::random(chat.decoder_config(), rank, 2.0 * rank as f64, &targets, 0.01, 7)?;
+        let attach_started = Instant::now();
+        chat.attach_adapter("bench-random", &adapter)?;
+        let attach_seconds = attach_started.elapsed().as_secs_f64();
+        let mut with = active.clone();
+        with.push(("bench-random".to_string(), 1.0));
+        // Switching = choosing the active set for a request: resolve names to slots.
+        let switch_started = Instant::now();
+        const SWITCHES: u32 = 1000;
+        for i in 0..SWITCHES {
+            let set = if i % 2 == 0 { &with[..] } else { &active[..] };
+            std::hint::black_box(chat.active_adapters(set)?);
+        }
+        let switch_seconds = switch_started.elapsed().as_secs_f64() / f64::from(SWITCHES);
+        let run = best(&mut chat, &with)?;
+        lora = Some((rank, targets, attach_seconds, switch_seconds, run));
+    }
+    let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1e6);
+    let info = chat.info();
+
+    if args.json {
+        let mut report = json!({
+            "model": model_name,
+            "path": info.path,
+            "architecture": info.architecture,
+            "parameters": info.parameters,
+            "weights": env.config.engine.weights,
+            "threads": rayon_threads(),
+            "load_seconds": info.load_seconds,
+            "prompt_tokens": base.prompt_tokens,
+            "decode_steps": base.decode_steps,
+            "prefill_tokens_per_second": base.prefill_tokens_per_second(),
+            "decode_tokens_per_second": base.decode_tokens_per_second(),
+            "time_to_first_token_seconds": base.time_to_first_token_seconds,
+            "peak_rss_mb": peak_rss_mb,
+        });
+        if let Some((rank, targets, attach, switch, run)) = &lora {
+            report["lora"] = json!({
+                "rank": rank,
+                "targets": targets.iter().map(|t| t.hf_name()).collect::<Vec<_>>(),
+                "attach_seconds": attach,
+                "switch_seconds": switch,
+                "prefill_tokens_per_second": run.prefill_tokens_per_second(),
+                "decode_tokens_per_second": run.decode_tokens_per_second(),
+                "decode_slowdown_percent": 100.0 * (1.0 - run.decode_tokens_per_second() / base.decode_tokens_per_second()),
+            });
+        }
+        println!("{report}");
+        return Ok(());
+    }
+    println!("model            {} ({}, {:.1}M parameters, weights {})", model_name, info.architecture, info.parameters as f64 / 1e6, env.config.engine.weights);
+    println!("threads          {}", rayon_threads());
+    println!("load             {:.2} s", info.load_seconds);
+    println!("prefill          {:.1} tok/s ({} tokens)", base.prefill_tokens_per_second(), base.prompt_tokens);
+    println!("decode           {:.1} tok/s ({} steps)", base.decode_tokens_per_second(), base.decode_steps);
+    println!("first token      {:.3} s", base.time_to_first_token_seconds);
+    if let Some((rank, targets, attach, switch, run)) = &lora {
+        let names: Vec<_> = targets.iter().map(|t| t.hf_name()).collect();
+        println!("lora r={rank} on {}: prefill {:.1} tok/s, decode {:.1} tok/s ({:+.1} %), attach {:.1} ms, switch {:.2} µs",
+            names.join(","),
+            run.prefill_tokens_per_second(),
+            run.decode_tokens_per_second(),
+            -100.0 * (1.0 - run.decode_tokens_per_second() / base.decode_tokens_per_second()),
+            attach * 1e3,
+            switch * 1e6);
+    }
+    match peak_rss_mb {
+        Some(mb) => println!("peak RSS         {mb:.0} MB"),
+        None => println!("peak RSS         unknown"),
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

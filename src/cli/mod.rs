@@ -1,0 +1,144 @@
+//! Command implementations and what they share: paths, config, the model
+//! catalog and cache, and loading a chat model with its adapters.
+
+pub mod ask;
+pub mod bench;
+pub mod models;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use memlora::adapters::LoraAdapter;
+use memlora::config::{Config, Paths};
+use memlora::engine::{ChatModel, LoadOptions, WeightFormat};
+use memlora::models::{Catalog, Manifest, ModelCache, ModelFiles};
+
+/// What every command starts from.
+pub struct Env {
+    pub paths: Paths,
+    pub config: Config,
+    pub catalog: Catalog,
+    pub cache: ModelCache,
+    _log_guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+impl Env {
+    pub fn new(data_dir: Option<PathBuf>, models_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let paths = Paths::resolve(data_dir, models_dir)?;
+        create_private_dir(&paths.data_dir)?;
+        let log_guard = init_logging(&paths.data_dir);
+        let config = Config::load(&paths.config_file)?;
+        if config.engine.threads > 0 {
+            // candle sizes its thread pools from this before the first model op.
+            std::env::set_var("RAYON_NUM_THREADS", config.engine.threads.to_string());
+        }
+        let catalog = Catalog::load(Some(&paths.data_dir.join("models")))?;
+        let cache = ModelCache::new(paths.models_dir.clone());
+        Ok(Self { paths, config, catalog, cache, _log_guard: log_guard })
+    }
+
+    /// A model named in the catalog (pulled first when missing) or a path to
+    /// a GGUF file or safetensors directory.
+    pub fn resolve_model(&self, name_or_path: &str) -> anyhow::Result<ResolvedModel> {
+        let path = Path::new(name_or_path);
+        if path.exists() {
+            return Ok(ResolvedModel { weights: path.to_path_buf(), manifest: None });
+        }
+        let manifest = self.catalog.get(name_or_path).with_context(|| {
+            format!("model '{name_or_path}' is neither a file nor a known model (see `memlora models list`)")
+        })?;
+        let files = match self.cache.resolve(manifest) {
+            Some(files) => files,
+            None => {
+                eprintln!("memlora: {} is not in the model cache yet; pulling it", manifest.name);
+                models::pull_with_progress(&self.cache, manifest)?
+            }
+        };
+        Ok(ResolvedModel { weights: model_path(&files), manifest: Some(manifest.clone()) })
+    }
+
+    /// Loads the chat model and installs `adapters` (`NAME`, `DIR`, `NAME=SCALE`),
+    /// returning the active set for requests.
+    pub fn load_chat_model(&self, model: &str, adapters: &[String]) -> anyhow::Result<(ChatModel, Vec<(String, f32)>)> {
+        let resolved = self.resolve_model(model)?;
+        let weights: WeightFormat = self.config.engine.weights.parse().map_err(anyhow::Error::msg).context("engine.weights")?;
+        let mut aliases = Vec::new();
+        let mut chat_template = None;
+        if let Some(m) = &resolved.manifest {
+            aliases.push(m.name.clone());
+            aliases.extend(m.hub_repos());
+            chat_template = m.chat_template.clone();
+        }
+        let options = LoadOptions { weights, context: self.config.engine.context, tokenizer: None, chat_template, aliases };
+        let mut chat = ChatModel::load(&resolved.weights, &options)?;
+        let mut active = Vec::new();
+        for spec in adapters {
+            let (name, scale) = parse_adapter_spec(spec)?;
+            let dir = self.adapter_dir(&name);
+            if !dir.exists() {
+                anyhow::bail!("adapter '{name}' not found: not a directory, and not installed in {}", self.paths.data_dir.join("adapters").display());
+            }
+            let adapter = LoraAdapter::load(&dir)?;
+            let slot_name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or(name);
+            chat.attach_adapter(&slot_name, &adapter)?;
+            active.push((slot_name, scale));
+        }
+        Ok((chat, active))
+    }
+
+    /// An adapter given as a directory, or by name from the profile's adapter directory.
+    fn adapter_dir(&self, name: &str) -> PathBuf {
+        let path = Path::new(name);
+        if path.exists() {
+            path.to_path_buf()
+        } else {
+            self.paths.data_dir.join("adapters").join(name)
+        }
+    }
+}
+
+pub struct ResolvedModel {
+    pub weights: PathBuf,
+    pub manifest: Option<Manifest>,
+}
+
+/// A GGUF model is its weights file; a safetensors model is its directory.
+fn model_path(files: &ModelFiles) -> PathBuf {
+    if files.weights.extension().is_some_and(|e| e == "gguf") {
+        files.weights.clone()
+    } else {
+        files.dir.clone()
+    }
+}
+
+/// `NAME` or `NAME=SCALE`.
+fn parse_adapter_spec(spec: &str) -> anyhow::Result<(String, f32)> {
+    match spec.rsplit_once('=') {
+        Some((name, scale)) => {
+            let scale: f32 = scale.parse().with_context(|| format!("adapter '{spec}': scale '{scale}' is not a number"))?;
+            Ok((name.to_string(), scale))
+        }
+        None => Ok((spec.to_string(), 1.0)),
+    }
+}
+
+/// Private data: only the user may read the data directory.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make data dir {} private", dir.display()))?;
+    Ok(())
+}
+
+/// Logs go to `DATA_DIR/logs/memlora.log`, never to the terminal; the filter
+/// comes from `MEMLORA_LOG` (default `info`).
+fn init_logging(data_dir: &Path) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    let dir = data_dir.join("logs");
+    std::fs::create_dir_all(&dir).ok()?;
+    let appender = tracing_appender::rolling::never(&dir, "memlora.log");
+    let (writer, guard) = tracing_appender::non_blocking(appender);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMLORA_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_writer(writer).with_ansi(false).with_env_filter(filter).try_init().ok()?;
+    Some(guard)
+}

@@ -1,0 +1,130 @@
+//! Layered configuration: the defaults embedded in the binary, then the user's
+//! `config.toml`, then `MEMLORA_*` environment variables.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("cannot determine a home directory for the data and model directories; set MEMLORA_DATA_DIR and MEMLORA_MODELS_DIR")]
+    NoHome,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub model: String,
+    pub embedder: String,
+    pub engine: EngineConfig,
+    pub generation: GenerationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EngineConfig {
+    pub weights: String,
+    pub context: usize,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenerationConfig {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    pub system: String,
+}
+
+/// Where memlora keeps things. The data dir holds private data (memories,
+/// adapters, logs) and is per profile; the model cache is shared between profiles.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub data_dir: PathBuf,
+    pub models_dir: PathBuf,
+    pub config_file: PathBuf,
+}
+
+impl Paths {
+    /// `data_dir` and `models_dir` come from the command line or `MEMLORA_DATA_DIR` /
+    /// `MEMLORA_MODELS_DIR` (clap reads the environment); otherwise the platform's
+    /// directories are used.
+    pub fn resolve(data_dir: Option<PathBuf>, models_dir: Option<PathBuf>) -> Result<Self, ConfigError> {
+        let dirs = directories::ProjectDirs::from("", "", "memlora");
+        let data_dir = match data_dir {
+            Some(dir) => dir,
+            None => dirs.as_ref().ok_or(ConfigError::NoHome)?.data_dir().to_path_buf(),
+        };
+        let models_dir = match models_dir {
+            Some(dir) => dir,
+            None => dirs.as_ref().ok_or(ConfigError::NoHome)?.cache_dir().join("models"),
+        };
+        // An explicit data dir is a self-contained profile: its config lives inside it.
+        let config_file = match &dirs {
+            Some(dirs) if !data_dir_is_explicit(&data_dir, dirs) => dirs.config_dir().join("config.toml"),
+            _ => data_dir.join("config.toml"),
+        };
+        Ok(Self { data_dir, models_dir, config_file })
+    }
+}
+
+fn data_dir_is_explicit(data_dir: &Path, dirs: &directories::ProjectDirs) -> bool {
+    data_dir != dirs.data_dir()
+}
+
+impl Config {
+    /// Defaults, then `user_file` if it exists, then `MEMLORA_*` variables.
+    pub fn load(user_file: &Path) -> Result<Self, ConfigError> {
+        let invalid = |path: &Path, e: config::ConfigError| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULT_CONFIG, config::FileFormat::Toml))
+            .add_source(config::File::from(user_file).format(config::FileFormat::Toml).required(false))
+            .add_source(
+                config::Environment::with_prefix("MEMLORA")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    // MEMLORA_DATA_DIR and MEMLORA_MODELS_DIR are paths, not settings.
+                    .keep_prefix(false),
+            );
+        let built = builder.build().map_err(|e| invalid(user_file, e))?;
+        built.try_deserialize().map_err(|e| invalid(user_file, e))
+    }
+
+    /// The embedded defaults alone (tests, and a fallback description of every key).
+    pub fn defaults() -> Self {
+        toml::from_str(DEFAULT_CONFIG).expect("embedded config/default.toml is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let config = Config::defaults();
+        assert_eq!(config.model, "smollm2-135m-instruct");
+        assert!(config.engine.context >= 512);
+    }
+
+    #[test]
+    fn user_file_overrides_defaults_and_bad_file_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "[generation]\nmax_tokens = 7\n").unwrap();
+        let config = Config::load(&file).unwrap();
+        assert_eq!(config.generation.max_tokens, 7);
+        assert_eq!(config.model, "smollm2-135m-instruct");
+
+        std::fs::write(&file, "[generation\nmax_tokens = ").unwrap();
+        let err = Config::load(&file).unwrap_err().to_string();
+        assert!(err.contains("config.toml"), "{err}");
+    }
+}

@@ -1,0 +1,8 @@
+//! memlora: a private, fully local terminal assistant whose small language
+//! model keeps long-term memories with one LoRA adapter per memory operation.
+//! See docs/ARCHITECTURE.md for the map.
+
+pub mod adapters;
+pub mod config;
+pub mod engine;
+pub mod models;

@@ -1,0 +1,57 @@
+//! The `memlora` command line. Library errors become `anyhow` errors here and
+//! are printed as one line.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "memlora", version, about = "A private, fully local assistant that remembers")]
+struct Args {
+    /// Private data (memories, adapters, logs) of this profile.
+    #[arg(long, global = true, env = "MEMLORA_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Model cache, shared by all profiles.
+    #[arg(long, global = true, env = "MEMLORA_MODELS_DIR", value_name = "DIR")]
+    models_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one question with the chat model, streaming to stdout.
+    Ask(cli::ask::AskArgs),
+    /// Measure load time, prefill and decode speed, time to first token and peak memory.
+    Bench(cli::bench::BenchArgs),
+    /// Fetch, list and verify models.
+    #[command(subcommand)]
+    Models(cli::models::ModelsCommand),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, outermost first. (Some library
+            // errors append a backtrace on later lines.)
+            let message = e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().to_string()).collect::<Vec<_>>().join(": ");
+            eprintln!("memlora: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let env = cli::Env::new(args.data_dir, args.models_dir)?;
+    match args.command {
+        Some(Command::Ask(a)) => cli::ask::run(&env, a),
+        Some(Command::Bench(a)) => cli::bench::run(&env, a),
+        Some(Command::Models(c)) => cli::models::run(&env, c),
+        None => anyhow::bail!("the interactive app is not built yet; try `memlora ask \"…\"` or `memlora --help`"),
+    }
+}

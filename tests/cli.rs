@@ -1,0 +1,138 @@
+//! The `memlora` binary end to end on tiny models: answers stream, bad input
+//! gets one clear line on stderr and a non-zero exit, never a panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::quantized::GgmlDType;
+use common::{TinyModel, TinySpec};
+use memlora::adapters::LoraAdapter;
+use memlora::engine::{ChatModel, LoadOptions, TargetModule};
+
+fn memlora(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_memlora"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--models-dir")
+        .arg(data_dir.join("models-cache"))
+        .args(args)
+        .env_remove("MEMLORA_DATA_DIR")
+        .env_remove("MEMLORA_MODELS_DIR")
+        // No hub here and none wanted in tests: fail fast, never hang.
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run memlora")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Fails unless the command failed with exactly one line that names `needle`.
+fn assert_one_line_error(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "error line lacks '{needle}': {}", lines[0]);
+    }
+}
+
+#[test]
+fn ask_streams_an_answer_and_json_reports_counts_and_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel::random(TinySpec::llama(), 21).write_gguf(&dir.path().join("tiny.gguf"), GgmlDType::Q8_0);
+    let model = model.to_str().unwrap();
+    let out = memlora(dir.path(), &["ask", "--model", model, "--max-tokens", "12", "the cat"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let streamed = String::from_utf8(out.stdout).unwrap();
+
+    let out = memlora(dir.path(), &["ask", "--model", model, "--max-tokens", "12", "--json", "the cat"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["completion_tokens"], 12);
+    assert!(report["prompt_tokens"].as_u64().unwrap() > 2);
+    assert!(report["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    // Greedy: the streamed answer (plus a final newline) is the JSON text.
+    assert_eq!(format!("{}\n", report["text"].as_str().unwrap()), streamed);
+
+    // The data dir is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+#[test]
+fn ask_with_an_adapter_directory_and_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = TinyModel::random(TinySpec::qwen2(), 22).write_safetensors(&dir.path().join("tiny"));
+    let config = ChatModel::load(&path, &LoadOptions::default()).unwrap().decoder_config().clone();
+    let adapter_dir = dir.path().join("style");
+    LoraAdapter::random(&config, 8, 16.0, &[TargetModule::Q, TargetModule::V], 0.5, 3).unwrap().save(&adapter_dir).unwrap();
+    let model = path.to_str().unwrap();
+    let adapter = format!("{}=2.0", adapter_dir.display());
+    let plain = memlora(dir.path(), &["ask", "--model", model, "--max-tokens", "16", "--json", "hello"]);
+    let adapted = memlora(dir.path(), &["ask", "--model", model, "--max-tokens", "16", "--json", "--adapter", &adapter, "hello"]);
+    assert!(plain.status.success() && adapted.status.success(), "{}", stderr(&adapted));
+    let plain: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    let adapted: serde_json::Value = serde_json::from_slice(&adapted.stdout).unwrap();
+    assert_eq!(adapted["adapters"][0][0], "style");
+    assert_ne!(plain["text"], adapted["text"], "the adapter changes the answer");
+}
+
+#[test]
+fn malformed_models_get_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tiny = TinyModel::random(TinySpec::llama(), 23);
+
+    let not_gguf = d.join("notes.gguf");
+    std::fs::write(&not_gguf, "just some text, not a model").unwrap();
+    assert_one_line_error(&memlora(d, &["ask", "--model", not_gguf.to_str().unwrap(), "hi"]), &["notes.gguf", "not a GGUF"]);
+
+    let good = tiny.write_gguf(&d.join("good.gguf"), GgmlDType::Q8_0);
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = d.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    assert_one_line_error(&memlora(d, &["ask", "--model", truncated.to_str().unwrap(), "hi"]), &["truncated.gguf", "truncated"]);
+    let header_only = d.join("header.gguf");
+    std::fs::write(&header_only, &bytes[..200]).unwrap();
+    assert_one_line_error(&memlora(d, &["ask", "--model", header_only.to_str().unwrap(), "hi"]), &["header.gguf"]);
+
+    let mamba = tiny.write_gguf_with(&d.join("mamba.gguf"), GgmlDType::F32, "mamba", true);
+    assert_one_line_error(&memlora(d, &["ask", "--model", mamba.to_str().unwrap(), "hi"]), &["mamba.gguf", "unsupported architecture 'mamba'"]);
+
+    let no_tokenizer = tiny.write_gguf_with(&d.join("bare.gguf"), GgmlDType::F32, "llama", false);
+    assert_one_line_error(&memlora(d, &["ask", "--model", no_tokenizer.to_str().unwrap(), "hi"]), &["bare.gguf", "tokenizer"]);
+
+    assert_one_line_error(&memlora(d, &["ask", "--model", "no-such-model", "hi"]), &["no-such-model"]);
+}
+
+#[test]
+fn mismatched_adapters_and_oversized_prompts_get_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = TinyModel::random(TinySpec::llama(), 24).write_gguf(&d.join("tiny.gguf"), GgmlDType::Q8_0);
+    let model = model.to_str().unwrap();
+    let mut config = ChatModel::load(Path::new(model), &LoadOptions::default()).unwrap().decoder_config().clone();
+    config.hidden_size = 128;
+    let wide = d.join("wide");
+    LoraAdapter::random(&config, 8, 16.0, &[TargetModule::Q], 0.1, 1).unwrap().save(&wide).unwrap();
+    assert_one_line_error(&memlora(d, &["ask", "--model", model, "--adapter", wide.to_str().unwrap(), "hi"]), &["'wide'", "q_proj"]);
+
+    let bad_rank = d.join("bad-rank");
+    LoraAdapter::random(&config, 8, 16.0, &[TargetModule::Q], 0.1, 1).unwrap().save(&bad_rank).unwrap();
+    let cfg_path = bad_rank.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"r\": 8", "\"r\": 4");
+    std::fs::write(&cfg_path, text).unwrap();
+    assert_one_line_error(&memlora(d, &["ask", "--model", model, "--adapter", bad_rank.to_str().unwrap(), "hi"]), &["adapter_model.safetensors", "rank"]);
+
+    assert_one_line_error(&memlora(d, &["ask", "--model", model, "--adapter", "not-installed", "hi"]), &["not-installed"]);
+
+    let huge = "word ".repeat(5000);
+    assert_one_line_error(&memlora(d, &["ask", "--model", model, &huge]), &["context"]);
+}
