@@ -157,7 +157,10 @@ fn saved_peft_adapter_loads_back_to_the_same_logits() {
 #[test]
 fn incremental_decoding_with_the_cache_matches_a_full_forward() {
     let dir = tempfile::tempdir().unwrap();
-    for (spec, stored) in [(TinySpec::llama(), GgmlDType::F32), (TinySpec::qwen2(), GgmlDType::Q8_0)] {
+    // f32 weights take the same arithmetic either way; with Q8_0 weights a
+    // single token goes through the 8-bit kernel and a long prompt through f32
+    // matmul, so they agree only up to activation rounding.
+    for (spec, stored, tolerance) in [(TinySpec::llama(), GgmlDType::F32, 1e-3), (TinySpec::qwen2(), GgmlDType::F32, 1e-3), (TinySpec::qwen2(), GgmlDType::Q8_0, 0.05)] {
         let path = TinyModel::random(spec, 8).write_gguf(&dir.path().join("m.gguf"), stored);
         let mut checkpoint = Checkpoint::open(&path, WeightFormat::Keep).unwrap();
         let mut decoder = Decoder::load(&mut checkpoint, 512, &candle_core::Device::Cpu).unwrap();
@@ -170,7 +173,7 @@ fn incremental_decoding_with_the_cache_matches_a_full_forward() {
             let step = decoder.forward_last(&[t], &[]).unwrap();
             let row = full.get(290 + i).unwrap();
             let diff = max_abs_diff(&step, &row);
-            assert!(diff < 1e-3, "{:?}: step {} differs from full forward by {diff}", spec.arch, 290 + i);
+            assert!(diff < tolerance, "{:?}: step {} differs from full forward by {diff}", spec.arch, 290 + i);
         }
     }
 }

@@ -28,10 +28,13 @@ impl Env {
         create_private_dir(&paths.data_dir)?;
         let log_guard = init_logging(&paths.data_dir);
         let config = Config::load(&paths.config_file)?;
-        if config.engine.threads > 0 {
-            // candle sizes its thread pools from this before the first model op.
-            std::env::set_var("RAYON_NUM_THREADS", config.engine.threads.to_string());
-        }
+        // candle sizes its thread pools from this before the first model op;
+        // unset, it re-reads /proc/cpuinfo on every parallel op.
+        let threads = match config.engine.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         let catalog = Catalog::load(Some(&paths.data_dir.join("models")))?;
         let cache = ModelCache::new(paths.models_dir.clone());
         Ok(Self { paths, config, catalog, cache, _log_guard: log_guard })

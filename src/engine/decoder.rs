@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
+use super::attention::SingleTokenAttention;
 use super::error::{EngineError, Result};
 use super::lora::{ActiveAdapters, LoraLinear};
+use super::matrix::WeightMatrix;
 use super::weights::{Checkpoint, DecoderConfig, RopeLayout};
 
 /// The projections a LoRA adapter can target, named as in PEFT's `target_modules`.
@@ -113,10 +114,11 @@ struct LayerCache {
 pub struct Decoder {
     config: DecoderConfig,
     device: Device,
-    embeddings: Arc<QTensor>,
+    /// Shared with `lm_head` when the model ties them.
+    embeddings: Arc<WeightMatrix>,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Arc<WeightMatrix>,
     cos: Tensor,
     sin: Tensor,
     cache: Vec<LayerCache>,
@@ -135,7 +137,7 @@ impl Decoder {
             config.rope_freq_factors = Some(factors);
         }
         let context = context.min(config.max_position).max(1);
-        let embeddings = checkpoint.linear_weight("model.embed_tokens.weight", device)?;
+        let embeddings = Arc::new(WeightMatrix::new(checkpoint.linear_weight("model.embed_tokens.weight", device)?)?);
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
@@ -144,7 +146,7 @@ impl Decoder {
                 let weight = checkpoint.linear_weight(&format!("{base}.weight"), device)?;
                 let bias_name = format!("{base}.bias");
                 let bias = if checkpoint.has(&bias_name) { Some(checkpoint.dense(&bias_name, device)?) } else { None };
-                LoraLinear::new(weight, bias)
+                LoraLinear::new(WeightMatrix::new(weight)?, bias)
             };
             let attn = Attention {
                 q: linear(TargetModule::Q, checkpoint)?,
@@ -166,9 +168,9 @@ impl Decoder {
         }
         let norm = checkpoint.dense("model.norm.weight", device)?;
         let lm_head = if config.tied_embeddings || !checkpoint.has("lm_head.weight") {
-            QMatMul::from_arc(embeddings.clone())?
+            embeddings.clone()
         } else {
-            QMatMul::from_arc(checkpoint.linear_weight("lm_head.weight", device)?)?
+            Arc::new(WeightMatrix::new(checkpoint.linear_weight("lm_head.weight", device)?)?)
         };
         let (cos, sin) = rotary_tables(&config, context, device)?;
         let cache = Vec::new();
@@ -237,8 +239,7 @@ impl Decoder {
             return Err(EngineError::PromptTooLong { prompt_tokens: start + seq, context: self.context, reserved: 0 });
         }
         self.reserve(start + seq)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embeddings.embedding(&ids)?;
+        let mut x = self.embeddings.rows(tokens)?;
         let cos = self.cos.narrow(0, start, seq)?;
         let sin = self.sin.narrow(0, start, seq)?;
         let mask = causal_mask(seq, start, self.config.num_heads / self.config.num_kv_heads, &self.device)?;
@@ -307,6 +308,10 @@ fn attention(
     cache.k.slice_set(&k, 2, start)?;
     cache.v.slice_set(&v, 2, start)?;
     let total = start + seq;
+    if seq == 1 {
+        let out = q.apply_op3_no_bwd(&cache.k, &cache.v, &SingleTokenAttention { len: total })?;
+        return layer.attn.o.forward(&out, active);
+    }
     let keys = cache.k.narrow(2, 0, total)?;
     let values = cache.v.narrow(2, 0, total)?;
     // Grouped-query attention without copying keys: the `group` query heads

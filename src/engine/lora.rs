@@ -3,12 +3,10 @@
 //! current request. Choosing the active set is a slice of slot ids, so
 //! switching adapters between requests costs nothing.
 
-use std::sync::Arc;
-
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::Tensor;
 
 use super::error::Result;
+use super::matrix::WeightMatrix;
 
 /// Index of an adapter slot in a loaded model.
 pub type SlotId = usize;
@@ -38,8 +36,7 @@ impl LoraFactors {
 }
 
 pub(crate) struct LoraLinear {
-    weight: Arc<QTensor>,
-    matmul: QMatMul,
+    weight: WeightMatrix,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
@@ -47,10 +44,9 @@ pub(crate) struct LoraLinear {
 }
 
 impl LoraLinear {
-    pub fn new(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
-        let (out_features, in_features) = weight.shape().dims2()?;
-        let matmul = QMatMul::from_arc(weight.clone())?;
-        Ok(Self { weight, matmul, bias, in_features, out_features, adapters: Vec::new() })
+    pub fn new(weight: WeightMatrix, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.shape()?;
+        Ok(Self { weight, bias, in_features, out_features, adapters: Vec::new() })
     }
 
     pub fn in_features(&self) -> usize {
@@ -76,7 +72,7 @@ impl LoraLinear {
 
     /// `x`: (tokens, in) → (tokens, out).
     pub fn forward(&self, x: &Tensor, active: ActiveAdapters) -> Result<Tensor> {
-        let mut y = self.matmul.forward(x)?;
+        let mut y = self.weight.forward(x)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -93,13 +89,9 @@ impl LoraLinear {
 
     /// Adds `scale · ΔW` of `slot` into the base weight (re-quantizing to the
     /// weight's format) and drops the adapter from this layer.
-    pub fn fold(&mut self, slot: SlotId, scale: f32, device: &Device) -> Result<()> {
+    pub fn fold(&mut self, slot: SlotId, scale: f32) -> Result<()> {
         let Some(f) = self.adapter(slot) else { return Ok(()) };
-        let dense = self.weight.dequantize(device)?;
-        let merged = (dense + (f.delta()? * scale as f64)?)?;
-        let weight = Arc::new(QTensor::quantize(&merged, self.weight.dtype())?);
-        self.matmul = QMatMul::from_arc(weight.clone())?;
-        self.weight = weight;
+        self.weight = self.weight.with_added(&(f.delta()? * scale as f64)?)?;
         self.remove_adapter(slot);
         Ok(())
     }

@@ -1,11 +1,14 @@
 //! The inference engine: a llama-family chat model with LoRA adapter slots,
 //! and a sentence embedder. Everything runs on the CPU with candle.
 
+mod attention;
 mod chat;
 mod decoder;
 mod embedder;
 mod error;
 mod lora;
+mod matrix;
+mod quant;
 mod tokenizer;
 mod weights;
 
@@ -255,10 +258,9 @@ impl ChatModel {
     /// frees its slot. Quantized weights are re-quantized, which rounds.
     pub fn fold_adapter(&mut self, name: &str, scale: f32) -> Result<()> {
         let slot = self.slot_of(name)?;
-        let device = self.decoder.device().clone();
         for layer in 0..self.decoder.config().num_layers {
             for module in TargetModule::ALL {
-                self.decoder.linear_mut(layer, module).fold(slot, scale, &device)?;
+                self.decoder.linear_mut(layer, module).fold(slot, scale)?;
             }
         }
         self.slots[slot] = None;

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -79,7 +78,7 @@ impl DecoderConfig {
 /// What the weights of a linear layer are stored as after loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// Keep formats that have fast CPU kernels, convert the others to q8_0.
+    /// Keep formats that have fast CPU kernels, convert the others to Q8_0.
     Auto,
     Keep,
     Q8_0,
@@ -111,9 +110,10 @@ impl WeightFormat {
             Self::Q4_0 => GgmlDType::Q4_0,
             Self::F16 => GgmlDType::F16,
             Self::F32 => GgmlDType::F32,
+            // Q4_0/Q4_1/Q8_0 have kernels in `quant`, the k-quants and floats in candle.
             Self::Auto => match stored {
-                GgmlDType::F32 | GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K => stored,
-                _ => GgmlDType::Q8_0,
+                GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => GgmlDType::Q8_0,
+                other => other,
             },
         }
     }
@@ -233,7 +233,7 @@ impl Checkpoint {
     }
 
     /// The weight of a linear layer, `(out, in)`, in the configured format.
-    pub fn linear_weight(&mut self, name: &str, device: &Device) -> Result<Arc<QTensor>> {
+    pub fn linear_weight(&mut self, name: &str, device: &Device) -> Result<QTensor> {
         let q = match &self.source {
             TensorSource::Gguf { .. } => {
                 let raw = self.quantized_raw(name, device)?;
@@ -253,7 +253,7 @@ impl Checkpoint {
                 quantize_checked(&dense, target)?
             }
         };
-        Ok(Arc::new(q))
+        Ok(q)
     }
 
     fn quantized_raw(&mut self, name: &str, device: &Device) -> Result<QTensor> {
