@@ -36,6 +36,7 @@ pub struct GenerationConfig {
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
+    pub repeat_penalty: f32,
     pub system: String,
 }
 

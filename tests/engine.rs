@@ -208,7 +208,7 @@ fn generation_is_deterministic_for_a_seed_and_reuses_the_prompt_cache() {
     assert_eq!(chat(&mut load(&path), "the cat in the hat", &greedy).text, first.text);
 
     // A hot temperature: the tiny random model is too peaked to vary otherwise.
-    let sampled = SamplingParams { max_tokens: 20, temperature: 5.0, top_p: 0.999, seed: 42 };
+    let sampled = SamplingParams { max_tokens: 20, temperature: 5.0, top_p: 0.999, seed: 42, repeat_penalty: 1.1 };
     let a = chat(&mut model, "on the mat", &sampled);
     let b = chat(&mut load(&path), "on the mat", &sampled);
     assert_eq!(a.text, b.text);
@@ -301,4 +301,29 @@ fn adapters_that_do_not_fit_are_refused_with_the_reason() {
 
     // A refused adapter leaves the model as it was.
     assert_eq!(model.adapters().map(|a| a.name.as_str()).collect::<Vec<_>>(), vec!["foreign"]);
+}
+
+#[test]
+fn adapters_apply_the_same_when_decoding_token_by_token() {
+    // Single tokens take the hand-written LoRA and attention paths; a whole
+    // sequence takes matmuls. Both must match the merged model.
+    let dir = tempfile::tempdir().unwrap();
+    let base = TinyModel::random(TinySpec::qwen2(), 16);
+    let path = base.write_safetensors(&dir.path().join("base"));
+    let config = Checkpoint::open(&path, WeightFormat::Keep).unwrap().config;
+    let adapter = LoraAdapter::random(&config, 8, 16.0, &TargetModule::ALL, 0.2, 17).unwrap();
+    let merged_path = merged(&base, &[(&adapter, 0.7)]).write_safetensors(&dir.path().join("merged"));
+    let mut merged_model = load(&merged_path);
+    let expected = merged_model.logits(&tokens(), &[]).unwrap();
+
+    let mut model = load(&path);
+    model.attach_adapter("a", &adapter).unwrap();
+    let active = [("a".to_string(), 0.7)];
+    assert!(max_abs_diff(&model.logits(&tokens(), &active).unwrap(), &expected) < TOL);
+    let toks = tokens();
+    for end in 6..=toks.len() {
+        let step = model.next_token_logits(&toks[..end], &active).unwrap();
+        let diff = max_abs_diff(&step, &expected.get(end - 1).unwrap());
+        assert!(diff < TOL, "token {end}: step-by-step adapter logits differ from merged weights by {diff}");
+    }
 }

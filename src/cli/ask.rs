@@ -25,6 +25,9 @@ pub struct AskArgs {
     top_p: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Penalise tokens already in the answer (1 = off).
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
     /// System prompt (default: the config's, else the model's own).
     #[arg(long)]
     system: Option<String>,
@@ -45,6 +48,7 @@ pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
         temperature: args.temperature.unwrap_or(g.temperature),
         top_p: args.top_p.unwrap_or(g.top_p),
         seed: args.seed.unwrap_or(g.seed),
+        repeat_penalty: args.repeat_penalty.unwrap_or(g.repeat_penalty),
     };
     let system = args.system.clone().unwrap_or_else(|| g.system.clone());
     let mut messages = Vec::new();

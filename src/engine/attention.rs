@@ -6,6 +6,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 
+use super::vector::{axpy, dot};
+
 /// `q`: `(1, heads, 1, head_dim)`; keys and values: `(1, kv_heads, capacity,
 /// head_dim)` caches whose first `len` positions are valid. Output:
 /// `(1, heads·head_dim)`, heads in order.
@@ -63,25 +65,9 @@ impl CustomOp3 for SingleTokenAttention {
             }
             let o = &mut out[h * hd..(h + 1) * hd];
             for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
-                let p = p / total;
-                for (o, &x) in o.iter_mut().zip(value) {
-                    *o += p * x;
-                }
+                axpy(p / total, value, o);
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((1, heads * hd))))
     }
-}
-
-/// Dot product with eight partial sums, so that it vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -3,10 +3,11 @@
 //! current request. Choosing the active set is a slice of slot ids, so
 //! switching adapters between requests costs nothing.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::error::Result;
 use super::matrix::WeightMatrix;
+use super::vector::{axpy, dot};
 
 /// Index of an adapter slot in a loaded model.
 pub type SlotId = usize;
@@ -15,23 +16,55 @@ pub type SlotId = usize;
 /// adapter's own `alpha / r` scale.
 pub type ActiveAdapters<'a> = &'a [(SlotId, f32)];
 
-/// One adapter's factors for one layer, stored transposed for `x·Aᵀ·Bᵀ`, the
-/// adapter's `alpha / r` already folded into `b_t`.
+/// One adapter's factors for one layer, the adapter's `alpha / r` folded into B.
 #[derive(Clone)]
 pub(crate) struct LoraFactors {
-    pub a_t: Tensor,
-    pub b_t: Tensor,
+    rank: usize,
+    in_features: usize,
+    out_features: usize,
+    /// A, `(rank, in)` row-major.
+    a: Vec<f32>,
+    /// scale·Bᵀ, `(rank, out)` row-major.
+    b_t: Vec<f32>,
 }
+
+/// Up to this many tokens the adapter is applied with plain loops; the fixed
+/// cost of two matmul calls per layer would dominate a rank-8 product.
+const MAX_TOKENS_FOR_LOOPS: usize = 4;
 
 impl LoraFactors {
     /// `a`: (r, in), `b`: (out, r) as in PEFT files; `scale` = alpha / r.
     pub fn new(a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
-        Ok(Self { a_t: a.t()?.contiguous()?, b_t: (b.t()? * scale)?.contiguous()? })
+        let (rank, in_features) = a.dims2()?;
+        let (out_features, _) = b.dims2()?;
+        let a = a.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let b_t = (b.t()? * scale)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Self { rank, in_features, out_features, a, b_t })
+    }
+
+    fn a_tensor(&self) -> Result<Tensor> {
+        Ok(Tensor::from_slice(&self.a, (self.rank, self.in_features), &Device::Cpu)?)
+    }
+
+    fn b_t_tensor(&self) -> Result<Tensor> {
+        Ok(Tensor::from_slice(&self.b_t, (self.rank, self.out_features), &Device::Cpu)?)
     }
 
     /// ΔW = scale · B·A, shape (out, in).
     pub fn delta(&self) -> Result<Tensor> {
-        Ok(self.a_t.matmul(&self.b_t)?.t()?.contiguous()?)
+        Ok(self.b_t_tensor()?.t()?.matmul(&self.a_tensor()?)?)
+    }
+
+    /// `y += multiplier · ΔW·x` for one token.
+    fn add_to_row(&self, x: &[f32], y: &mut [f32], multiplier: f32) {
+        for (a_row, b_row) in self.a.chunks_exact(self.in_features).zip(self.b_t.chunks_exact(self.out_features)) {
+            axpy(multiplier * dot(a_row, x), b_row, y);
+        }
+    }
+
+    /// `multiplier · x·ΔWᵀ` for `x` of shape `(tokens, in)`.
+    fn product(&self, x: &Tensor, multiplier: f32) -> Result<Tensor> {
+        Ok((x.matmul(&self.a_tensor()?.t()?)?.matmul(&self.b_t_tensor()?)? * f64::from(multiplier))?)
     }
 }
 
@@ -76,13 +109,23 @@ impl LoraLinear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        for &(slot, scale) in active {
-            let Some(f) = self.adapter(slot) else { continue };
-            let mut delta = x.matmul(&f.a_t)?.matmul(&f.b_t)?;
-            if scale != 1.0 {
-                delta = (delta * scale as f64)?;
+        let mut adapters = active.iter().filter_map(|&(slot, multiplier)| Some((self.adapter(slot)?, multiplier))).peekable();
+        if adapters.peek().is_none() {
+            return Ok(y);
+        }
+        let tokens = x.dim(0)?;
+        if tokens <= MAX_TOKENS_FOR_LOOPS {
+            let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
+            for (factors, multiplier) in adapters {
+                for (xr, yr) in xs.chunks_exact(self.in_features).zip(ys.chunks_exact_mut(self.out_features)) {
+                    factors.add_to_row(xr, yr, multiplier);
+                }
             }
-            y = (y + delta)?;
+            return Ok(Tensor::from_vec(ys, (tokens, self.out_features), x.device())?);
+        }
+        for (factors, multiplier) in adapters {
+            y = (y + factors.product(x, multiplier)?)?;
         }
         Ok(y)
     }

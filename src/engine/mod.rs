@@ -10,6 +10,7 @@ mod lora;
 mod matrix;
 mod quant;
 mod tokenizer;
+mod vector;
 mod weights;
 
 use std::ops::ControlFlow;
@@ -71,11 +72,17 @@ pub struct SamplingParams {
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
+    /// Divides the logits of tokens already in the answer (1 = off); small
+    /// models otherwise fall into loops.
+    pub repeat_penalty: f32,
 }
+
+/// How many of the latest answer tokens the repeat penalty looks at.
+const REPEAT_WINDOW: usize = 64;
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458 }
+        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458, repeat_penalty: 1.0 }
     }
 }
 
@@ -312,6 +319,41 @@ impl ChatModel {
         logits
     }
 
+    /// Logits after the last of `tokens`, reusing the cached keys and values
+    /// of the longest prefix shared with the previous call (scoring and
+    /// step-by-step decoding).
+    pub fn next_token_logits(&mut self, tokens: &[u32], adapters: &[(String, f32)]) -> Result<Tensor> {
+        let active = self.active_adapters(adapters)?;
+        Ok(self.run_prompt(tokens, &active)?.0)
+    }
+
+    /// Runs `prompt` after the longest prefix of it already in the cache
+    /// (computed with the same adapters; the last token is always recomputed)
+    /// and returns the last logits and how many tokens were reused.
+    fn run_prompt(&mut self, prompt: &[u32], active: &[(SlotId, f32)]) -> Result<(Tensor, usize)> {
+        if prompt.is_empty() {
+            return Err(EngineError::Tokenizer("empty prompt".into()));
+        }
+        let reusable = if active == self.cached_adapters.as_slice() {
+            common_prefix(&self.cached_tokens, prompt).min(prompt.len() - 1)
+        } else {
+            0
+        };
+        self.decoder.truncate_cache(reusable);
+        self.cached_tokens.truncate(reusable);
+        self.cached_adapters = active.to_vec();
+        match self.decoder.forward_last(&prompt[reusable..], active) {
+            Ok(logits) => {
+                self.cached_tokens.extend_from_slice(&prompt[reusable..]);
+                Ok((logits, reusable))
+            }
+            Err(e) => {
+                self.reset_cache();
+                Err(e)
+            }
+        }
+    }
+
     /// Renders `messages` with the chat template, dropping the oldest turns
     /// (never the system message or the last message) until the prompt and
     /// `reserve` answer tokens fit the context.
@@ -346,33 +388,14 @@ impl ChatModel {
         // Keep room for the answer, but never more than half the context.
         let reserve = sampling.max_tokens.min(self.decoder.context() / 2);
         let (prompt, dropped_messages) = self.prompt_tokens(messages, reserve)?;
-
-        // Reuse the cached keys/values of the longest common prefix computed
-        // with the same adapters; at least the last prompt token is recomputed.
-        let reusable = if active == self.cached_adapters {
-            common_prefix(&self.cached_tokens, &prompt).min(prompt.len() - 1)
-        } else {
-            0
-        };
-        self.decoder.truncate_cache(reusable);
-        self.cached_tokens.truncate(reusable);
-        self.cached_adapters = active.clone();
-
         let mut sampler = LogitsProcessor::new(
             sampling.seed,
             (sampling.temperature > 0.0).then_some(sampling.temperature),
             (sampling.top_p > 0.0 && sampling.top_p < 1.0).then_some(sampling.top_p),
         );
+
         let started = Instant::now();
-        let logits = self.decoder.forward_last(&prompt[reusable..], &active);
-        let logits = match logits {
-            Ok(l) => l,
-            Err(e) => {
-                self.reset_cache();
-                return Err(e);
-            }
-        };
-        self.cached_tokens.extend_from_slice(&prompt[reusable..]);
+        let (logits, reusable) = self.run_prompt(&prompt, &active)?;
         let prefill_seconds = started.elapsed().as_secs_f64();
 
         let mut stream = TokenTextStream::new(&self.tokenizer);
@@ -380,12 +403,21 @@ impl ChatModel {
         let mut completion_tokens = 0;
         let mut time_to_first_token_seconds = 0.0;
         let mut decode_started = Instant::now();
-        let mut next = sampler.sample(&logits)?;
+        let mut answer: Vec<u32> = Vec::new();
+        let mut sample = |logits: &Tensor, answer: &[u32]| -> Result<u32> {
+            if sampling.repeat_penalty == 1.0 || answer.is_empty() {
+                return Ok(sampler.sample(logits)?);
+            }
+            let recent = &answer[answer.len().saturating_sub(REPEAT_WINDOW)..];
+            Ok(sampler.sample(&candle_transformers::utils::apply_repeat_penalty(logits, sampling.repeat_penalty, recent)?)?)
+        };
+        let mut next = sample(&logits, &answer)?;
         let stop_reason = loop {
             if self.tokenizer.is_stop(next) {
                 break StopReason::EndOfTurn;
             }
             completion_tokens += 1;
+            answer.push(next);
             if completion_tokens == 1 {
                 time_to_first_token_seconds = started.elapsed().as_secs_f64();
                 decode_started = Instant::now();
@@ -404,7 +436,7 @@ impl ChatModel {
             }
             let logits = self.decoder.forward_last(&[next], &active)?;
             self.cached_tokens.push(next);
-            next = sampler.sample(&logits)?;
+            next = sample(&logits, &answer)?;
         };
         if let Some(piece) = stream.finish()? {
             text.push_str(&piece);
