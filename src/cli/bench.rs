@@ -15,14 +15,14 @@ pub struct BenchArgs {
     /// Model name or path (default: the configured model).
     #[arg(long)]
     model: Option<String>,
-    /// Prompt length in tokens.
+    /// Prefill length in tokens (llama-bench's pp).
     #[arg(long, default_value_t = 256)]
     prompt_tokens: usize,
-    /// Tokens generated after the prompt.
+    /// Tokens generated from an empty context (llama-bench's tg).
     #[arg(long, default_value_t = 64)]
     steps: usize,
-    /// Runs of each measurement; the best is reported (the first warms caches).
-    #[arg(long, default_value_t = 3)]
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Also measure with a random LoRA adapter of this rank active.
     #[arg(long, value_name = "RANK")]
@@ -41,18 +41,22 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
     let model_name = args.model.clone().unwrap_or_else(|| env.config.model.clone());
     let (mut chat, active) = env.load_chat_model(&model_name, &args.adapters)?;
     let repeat = args.repeat.max(1);
-    let best = |chat: &mut memlora::engine::ChatModel, active: &[(String, f32)]| -> anyhow::Result<memlora::engine::SpeedRun> {
-        let mut best: Option<memlora::engine::SpeedRun> = None;
-        for _ in 0..repeat {
-            let run = chat.measure_speed(args.prompt_tokens, args.steps, active)?;
-            let better = best.as_ref().is_none_or(|b| run.decode_seconds + run.prefill_seconds < b.decode_seconds + b.prefill_seconds);
-            if better {
-                best = Some(run);
-            }
-        }
-        Ok(best.expect("repeat >= 1"))
+    // Median of `repeat` runs for each of prefill, first token and decode.
+    let median_run = |chat: &mut memlora::engine::ChatModel, active: &[(String, f32)]| -> anyhow::Result<memlora::engine::SpeedRun> {
+        let runs = (0..repeat).map(|_| chat.measure_speed(args.prompt_tokens, args.steps, active)).collect::<Result<Vec<_>, _>>()?;
+        let median = |f: &dyn Fn(&memlora::engine::SpeedRun) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok(memlora::engine::SpeedRun {
+            prefill_seconds: median(&|r| r.prefill_seconds),
+            time_to_first_token_seconds: median(&|r| r.time_to_first_token_seconds),
+            decode_seconds: median(&|r| r.decode_seconds),
+            ..runs[0].clone()
+        })
     };
-    let base = best(&mut chat, &active)?;
+    let base = median_run(&mut chat, &active)?;
 
     let mut lora = None;
     if let Some(rank) = args.lora_rank {
@@ -75,7 +79,7 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
             std::hint::black_box(chat.active_adapters(set)?);
         }
         let switch_seconds = switch_started.elapsed().as_secs_f64() / f64::from(SWITCHES);
-        let run = best(&mut chat, &with)?;
+        let run = median_run(&mut chat, &with)?;
         lora = Some((rank, targets, attach_seconds, switch_seconds, run));
     }
     let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1e6);
@@ -92,6 +96,7 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
             "load_seconds": info.load_seconds,
             "prompt_tokens": base.prompt_tokens,
             "decode_steps": base.decode_steps,
+            "repeat": repeat,
             "prefill_tokens_per_second": base.prefill_tokens_per_second(),
             "decode_tokens_per_second": base.decode_tokens_per_second(),
             "time_to_first_token_seconds": base.time_to_first_token_seconds,
@@ -114,9 +119,9 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
     println!("model            {} ({}, {:.1}M parameters, weights {})", model_name, info.architecture, info.parameters as f64 / 1e6, env.config.engine.weights);
     println!("threads          {}", rayon_threads());
     println!("load             {:.2} s", info.load_seconds);
-    println!("prefill          {:.1} tok/s ({} tokens)", base.prefill_tokens_per_second(), base.prompt_tokens);
-    println!("decode           {:.1} tok/s ({} steps)", base.decode_tokens_per_second(), base.decode_steps);
-    println!("first token      {:.3} s", base.time_to_first_token_seconds);
+    println!("prefill          {:.1} tok/s (pp{})", base.prefill_tokens_per_second(), base.prompt_tokens);
+    println!("decode           {:.1} tok/s (tg{})", base.decode_tokens_per_second(), base.decode_steps);
+    println!("first token      {:.3} s after a {}-token prompt", base.time_to_first_token_seconds, base.prompt_tokens);
     if let Some((rank, targets, attach, switch, run)) = &lora {
         let names: Vec<_> = targets.iter().map(|t| t.hf_name()).collect();
         println!("lora r={rank} on {}: prefill {:.1} tok/s, decode {:.1} tok/s ({:+.1} %), attach {:.1} ms, switch {:.2} µs",

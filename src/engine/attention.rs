@@ -6,7 +6,10 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 
-use super::vector::{axpy, dot};
+use super::vector::{axpy, dot, DisjointWrites};
+
+/// Multiply-adds below which the heads are computed on the calling thread.
+const PARALLEL_WORK: usize = 32 * 1024;
 
 /// `q`: `(1, heads, 1, head_dim)`; keys and values: `(1, kv_heads, capacity,
 /// head_dim)` caches whose first `len` positions are valid. Output:
@@ -45,28 +48,33 @@ impl CustomOp3 for SingleTokenAttention {
         }
         let (q, k, v) = (&q[q0..q1], &k[k0..k1], &v[v0..v1]);
         let group = heads / kv_heads;
+        let len = self.len;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; heads * hd];
-        let mut scores = vec![0f32; self.len];
-        for h in 0..heads {
+        let out_ptr = DisjointWrites(out.as_mut_ptr());
+        let head = |h: usize| {
             let kv = h / group;
             let query = &q[h * hd..(h + 1) * hd];
-            let keys = &k[kv * capacity * hd..][..self.len * hd];
-            let values = &v[kv * capacity * hd..][..self.len * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                *score = dot(query, key) * scale;
-                max = max.max(*score);
-            }
+            let keys = &k[kv * capacity * hd..][..len * hd];
+            let values = &v[kv * capacity * hd..][..len * hd];
+            let mut scores: Vec<f32> = keys.chunks_exact(hd).map(|key| dot(query, key) * scale).collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut total = 0.0;
             for score in scores.iter_mut() {
                 *score = (*score - max).exp();
                 total += *score;
             }
-            let o = &mut out[h * hd..(h + 1) * hd];
+            // SAFETY: head `h` writes only its own `hd` outputs.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(h * hd), hd) };
             for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
                 axpy(p / total, value, o);
             }
+        };
+        // Short contexts are cheaper than waking the pool.
+        if len * heads * hd < PARALLEL_WORK {
+            (0..heads).for_each(head);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(heads, |range| range.for_each(head));
         }
         Ok((CpuStorage::F32(out), Shape::from((1, heads * hd))))
     }

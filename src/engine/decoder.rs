@@ -249,8 +249,7 @@ impl Decoder {
             let h = attention(&self.config, layer, &self.cache[i], &h, start, &cos, &sin, mask.as_ref(), active)?;
             x = (x + h)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
-            let gate = layer.mlp.gate.forward(&h, active)?;
-            let up = layer.mlp.up.forward(&h, active)?;
+            let [gate, up] = LoraLinear::forward_shared([&layer.mlp.gate, &layer.mlp.up], &h, active)?;
             let h = layer.mlp.down.forward(&(candle_nn::ops::silu(&gate)? * up)?, active)?;
             x = (x + h)?;
         }
@@ -298,9 +297,10 @@ fn attention(
     let seq = x.dim(0)?;
     let (heads, kv_heads, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
     let group = heads / kv_heads;
-    let q = layer.attn.q.forward(x, active)?.reshape((1, seq, heads, hd))?.transpose(1, 2)?.contiguous()?;
-    let k = layer.attn.k.forward(x, active)?.reshape((1, seq, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
-    let v = layer.attn.v.forward(x, active)?.reshape((1, seq, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
+    let [q, k, v] = LoraLinear::forward_shared([&layer.attn.q, &layer.attn.k, &layer.attn.v], x, active)?;
+    let q = q.reshape((1, seq, heads, hd))?.transpose(1, 2)?.contiguous()?;
+    let k = k.reshape((1, seq, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
+    let v = v.reshape((1, seq, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
     let (q, k) = match config.rope_layout {
         RopeLayout::Interleaved => (candle_nn::rotary_emb::rope_i(&q, cos, sin)?, candle_nn::rotary_emb::rope_i(&k, cos, sin)?),
         RopeLayout::Halves => (candle_nn::rotary_emb::rope(&q, cos, sin)?, candle_nn::rotary_emb::rope(&k, cos, sin)?),

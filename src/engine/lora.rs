@@ -105,7 +105,20 @@ impl LoraLinear {
 
     /// `x`: (tokens, in) → (tokens, out).
     pub fn forward(&self, x: &Tensor, active: ActiveAdapters) -> Result<Tensor> {
-        let mut y = self.weight.forward(x)?;
+        let y = self.weight.forward(x)?;
+        self.add_bias_and_adapters(x, y, active)
+    }
+
+    /// The forwards of several layers that read the same `x`, their base
+    /// products computed together.
+    pub fn forward_shared<const N: usize>(layers: [&LoraLinear; N], x: &Tensor, active: ActiveAdapters) -> Result<[Tensor; N]> {
+        let weights: Vec<&WeightMatrix> = layers.iter().map(|l| &l.weight).collect();
+        let products = WeightMatrix::forward_shared(&weights, x)?;
+        let outputs = layers.iter().zip(products).map(|(layer, y)| layer.add_bias_and_adapters(x, y, active)).collect::<Result<Vec<_>>>()?;
+        outputs.try_into().map_err(|_| candle_core::Error::Msg("forward_shared: output count".into()).into())
+    }
+
+    fn add_bias_and_adapters(&self, x: &Tensor, mut y: Tensor, active: ActiveAdapters) -> Result<Tensor> {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }

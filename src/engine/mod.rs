@@ -456,13 +456,15 @@ impl ChatModel {
     }
 }
 
-/// One speed measurement: a prompt of exactly `prompt_tokens` tokens, then
-/// `decode_steps` greedy tokens with no stop condition.
+/// One speed measurement in llama-bench's terms: `prompt_tokens` of prefill
+/// from an empty cache ("pp"), and `decode_steps` greedy tokens generated
+/// from a one-token context with no stop condition ("tg").
 #[derive(Debug, Clone, Serialize)]
 pub struct SpeedRun {
     pub prompt_tokens: usize,
     pub decode_steps: usize,
     pub prefill_seconds: f64,
+    /// Prefill plus choosing the first token.
     pub time_to_first_token_seconds: f64,
     pub decode_seconds: f64,
 }
@@ -480,17 +482,22 @@ impl ChatModel {
     pub fn measure_speed(&mut self, prompt_tokens: usize, decode_steps: usize, adapters: &[(String, f32)]) -> Result<SpeedRun> {
         const TEXT: &str = "The quick brown fox jumps over the lazy dog while the committee reviews the quarterly report. ";
         let active = self.active_adapters(adapters)?;
-        if prompt_tokens == 0 || prompt_tokens + decode_steps > self.decoder.context() {
-            return Err(EngineError::PromptTooLong { prompt_tokens, context: self.decoder.context(), reserved: decode_steps });
+        let context = self.decoder.context();
+        if prompt_tokens == 0 || prompt_tokens > context || decode_steps + 1 > context {
+            return Err(EngineError::PromptTooLong { prompt_tokens, context, reserved: decode_steps });
         }
         let unit = self.tokenizer.encode(TEXT)?;
         let prompt: Vec<u32> = unit.iter().copied().cycle().take(prompt_tokens).collect();
+
         self.reset_cache();
         let started = Instant::now();
         let logits = self.decoder.forward_last(&prompt, &active)?;
         let prefill_seconds = started.elapsed().as_secs_f64();
         let mut next = decoder::argmax(&logits)?;
         let time_to_first_token_seconds = started.elapsed().as_secs_f64();
+
+        self.reset_cache();
+        self.decoder.forward_last(&prompt[..1], &active)?;
         let decode_started = Instant::now();
         for _ in 0..decode_steps {
             let logits = self.decoder.forward_last(&[next], &active)?;

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use half::f16;
 
 use super::error::Result;
+use super::vector::DisjointWrites;
 
 const BLOCK: usize = 32;
 /// Rows are stored in groups of four, interleaved block by block, so that one
@@ -165,7 +166,7 @@ impl PackedMatrix {
     pub fn dequantize(&self) -> Result<Tensor> {
         let (rows, cols) = (self.rows, self.cols);
         let mut out = vec![0f32; rows * cols];
-        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let out_ptr = DisjointWrites(out.as_mut_ptr());
         parallel_rows(rows, 16, |range| {
             for r in range {
                 // SAFETY: each row of `out` is written by exactly one task.
@@ -190,16 +191,33 @@ impl PackedMatrix {
 
     /// `y[r] = Σ_c w[r][c]·x[c]` for one activation row.
     pub fn gemv(&self, x: &[f32], y: &mut [f32]) {
-        debug_assert_eq!(x.len(), self.cols);
-        debug_assert_eq!(y.len(), self.rows);
+        Self::gemv_shared(&mut [(self, y)], x);
+    }
+
+    /// Several matrices with the same number of columns times one activation
+    /// row, in a single pass over the thread pool (q/k/v, gate/up): the row is
+    /// quantized once and the pool is woken once.
+    pub fn gemv_shared(jobs: &mut [(&PackedMatrix, &mut [f32])], x: &[f32]) {
         let act = QuantizedRow::new(x);
-        let y_ptr = SyncPtr(y.as_mut_ptr());
-        parallel_rows(self.rows.div_ceil(GROUP), 8, |range| {
-            for g in range {
-                let sums = dot_group(self, g, &act);
+        // Group index ranges of each job, laid end to end.
+        let mut starts = Vec::with_capacity(jobs.len() + 1);
+        starts.push(0);
+        for (w, y) in jobs.iter() {
+            debug_assert_eq!(w.cols, x.len());
+            debug_assert_eq!(y.len(), w.rows);
+            starts.push(starts.last().copied().unwrap_or(0) + w.rows.div_ceil(GROUP));
+        }
+        let outputs: Vec<(&PackedMatrix, DisjointWrites)> = jobs.iter_mut().map(|(w, y)| (*w, DisjointWrites(y.as_mut_ptr()))).collect();
+        let total = starts.last().copied().unwrap_or(0);
+        parallel_rows(total, 8, |range| {
+            for flat in range {
+                let job = starts.partition_point(|&s| s <= flat) - 1;
+                let (w, y_ptr) = outputs[job];
+                let g = flat - starts[job];
+                let sums = dot_group(w, g, &act);
                 let first = g * GROUP;
-                let count = (self.rows - first).min(GROUP);
-                // SAFETY: each group of rows of `y` is written by exactly one task.
+                let count = (w.rows - first).min(GROUP);
+                // SAFETY: each group of rows of each output is written by exactly one task.
                 let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(first), count) };
                 out.copy_from_slice(&sums[..count]);
             }
@@ -372,18 +390,6 @@ fn parallel_rows(items: usize, min_chunk: usize, task: impl Fn(std::ops::Range<u
     candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
         task(range.start * min_chunk..(range.end * min_chunk).min(items));
     });
-}
-
-/// A raw pointer that tasks on the pool write disjoint parts through.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: only used for writes to disjoint ranges, joined before the owner is read.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `x·Wᵀ` for activations `(tokens, cols)` as a candle op, so that it slots

@@ -19,3 +19,16 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         *y += a * x;
     }
 }
+
+/// An output buffer that tasks on the thread pool fill in disjoint parts.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointWrites(pub *mut f32);
+// SAFETY: every user writes only its own range, and the pool joins all tasks
+// before the buffer is read again.
+unsafe impl Send for DisjointWrites {}
+unsafe impl Sync for DisjointWrites {}
+impl DisjointWrites {
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
