@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use memlora::adapters::LoraAdapter;
-use memlora::engine::TargetModule;
+use memlora::engine::{SpeedRun, TargetModule};
 use serde_json::json;
 
 use super::Env;
@@ -21,7 +21,7 @@ pub struct BenchArgs {
     /// Tokens generated from an empty context (llama-bench's tg).
     #[arg(long, default_value_t = 64)]
     steps: usize,
-    /// Runs of each measurement; the median is reported.
+    /// Runs of each measurement; medians are reported.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Also measure with a random LoRA adapter of this rank active.
@@ -41,24 +41,8 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
     let model_name = args.model.clone().unwrap_or_else(|| env.config.model.clone());
     let (mut chat, active) = env.load_chat_model(&model_name, &args.adapters)?;
     let repeat = args.repeat.max(1);
-    // Median of `repeat` runs for each of prefill, first token and decode.
-    let median_run = |chat: &mut memlora::engine::ChatModel, active: &[(String, f32)]| -> anyhow::Result<memlora::engine::SpeedRun> {
-        let runs = (0..repeat).map(|_| chat.measure_speed(args.prompt_tokens, args.steps, active)).collect::<Result<Vec<_>, _>>()?;
-        let median = |f: &dyn Fn(&memlora::engine::SpeedRun) -> f64| {
-            let mut v: Vec<f64> = runs.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        Ok(memlora::engine::SpeedRun {
-            prefill_seconds: median(&|r| r.prefill_seconds),
-            time_to_first_token_seconds: median(&|r| r.time_to_first_token_seconds),
-            decode_seconds: median(&|r| r.decode_seconds),
-            ..runs[0].clone()
-        })
-    };
-    let base = median_run(&mut chat, &active)?;
-
     let mut lora = None;
+    let mut with_adapter = None;
     if let Some(rank) = args.lora_rank {
         let targets = args
             .lora_targets
@@ -79,9 +63,20 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
             std::hint::black_box(chat.active_adapters(set)?);
         }
         let switch_seconds = switch_started.elapsed().as_secs_f64() / f64::from(SWITCHES);
-        let run = median_run(&mut chat, &with)?;
-        lora = Some((rank, targets, attach_seconds, switch_seconds, run));
+        lora = Some((rank, targets, attach_seconds, switch_seconds));
+        with_adapter = Some(with);
     }
+    // Runs with and without the adapter alternate, so that a machine whose
+    // speed drifts affects both alike; each figure is the median of `repeat`.
+    let (mut base_runs, mut lora_runs) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        base_runs.push(chat.measure_speed(args.prompt_tokens, args.steps, &active)?);
+        if let Some(with) = &with_adapter {
+            lora_runs.push(chat.measure_speed(args.prompt_tokens, args.steps, with)?);
+        }
+    }
+    let base = median_run(&base_runs);
+    let lora = lora.map(|(rank, targets, attach, switch)| (rank, targets, attach, switch, median_run(&lora_runs)));
     let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1e6);
     let info = chat.info();
 
@@ -137,6 +132,20 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
         None => println!("peak RSS         unknown"),
     }
     Ok(())
+}
+
+fn median_run(runs: &[SpeedRun]) -> SpeedRun {
+    let median = |f: fn(&SpeedRun) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    SpeedRun {
+        prefill_seconds: median(|r| r.prefill_seconds),
+        time_to_first_token_seconds: median(|r| r.time_to_first_token_seconds),
+        decode_seconds: median(|r| r.decode_seconds),
+        ..runs[0].clone()
+    }
 }
 
 fn rayon_threads() -> usize {
