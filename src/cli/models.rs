@@ -20,6 +20,8 @@ pub enum ModelsCommand {
     },
     /// Re-check the sha256 of every file of the present models (or of NAMES).
     Verify { names: Vec<String> },
+    /// Delete a model from the cache.
+    Remove { name: String },
 }
 
 pub fn run(env: &Env, command: ModelsCommand) -> anyhow::Result<()> {
@@ -44,9 +46,17 @@ pub fn run(env: &Env, command: ModelsCommand) -> anyhow::Result<()> {
                 println!("no models in {}", env.paths.models_dir.display());
             }
             for manifest in manifests {
-                env.cache.verify(manifest, &mut |_| {})?;
+                env.cache.verify(manifest, &mut |_| {}).map_err(|e| {
+                    anyhow::anyhow!("{e} (run `memlora models remove {0}` and `memlora models pull {0}` to fetch it again)", manifest.name)
+                })?;
                 println!("{}: ok", manifest.name);
             }
+            Ok(())
+        }
+        ModelsCommand::Remove { name } => {
+            let manifest = find(env, &name)?;
+            let freed = env.cache.remove(manifest)?;
+            println!("{}: removed ({:.1} MB freed)", manifest.name, freed as f64 / 1e6);
             Ok(())
         }
     }

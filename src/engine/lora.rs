@@ -3,11 +3,12 @@
 //! current request. Choosing the active set is a slice of slot ids, so
 //! switching adapters between requests costs nothing.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::error::Result;
 use super::matrix::WeightMatrix;
-use super::vector::{axpy, dot};
+use super::quant::{GemvJob, LowRank, PackedMatrix};
+use super::vector::dot;
 
 /// Index of an adapter slot in a loaded model.
 pub type SlotId = usize;
@@ -28,17 +29,13 @@ pub(crate) struct LoraFactors {
     b_t: Vec<f32>,
 }
 
-/// Up to this many tokens the adapter is applied with plain loops; the fixed
-/// cost of two matmul calls per layer would dominate a rank-8 product.
-const MAX_TOKENS_FOR_LOOPS: usize = 4;
-
 impl LoraFactors {
     /// `a`: (r, in), `b`: (out, r) as in PEFT files; `scale` = alpha / r.
     pub fn new(a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
         let (rank, in_features) = a.dims2()?;
         let (out_features, _) = b.dims2()?;
-        let a = a.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-        let b_t = (b.t()? * scale)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let b_t = (b.t()? * scale)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         Ok(Self { rank, in_features, out_features, a, b_t })
     }
 
@@ -55,11 +52,9 @@ impl LoraFactors {
         Ok(self.b_t_tensor()?.t()?.matmul(&self.a_tensor()?)?)
     }
 
-    /// `y += multiplier · ΔW·x` for one token.
-    fn add_to_row(&self, x: &[f32], y: &mut [f32], multiplier: f32) {
-        for (a_row, b_row) in self.a.chunks_exact(self.in_features).zip(self.b_t.chunks_exact(self.out_features)) {
-            axpy(multiplier * dot(a_row, x), b_row, y);
-        }
+    /// `multiplier · A·x` for one token: the rank-sized middle of the product.
+    fn project(&self, x: &[f32], multiplier: f32) -> Vec<f32> {
+        self.a.chunks_exact(self.in_features).map(|row| multiplier * dot(row, x)).collect()
     }
 
     /// `multiplier · x·ΔWᵀ` for `x` of shape `(tokens, in)`.
@@ -67,6 +62,11 @@ impl LoraFactors {
         Ok((x.matmul(&self.a_tensor()?.t()?)?.matmul(&self.b_t_tensor()?)? * f64::from(multiplier))?)
     }
 }
+
+/// Up to this many tokens the adapter is applied with vector loops (its B
+/// product inside the weight kernel's pass); the fixed cost of two matmul
+/// calls per layer would dominate a rank-8 product.
+const MAX_TOKENS_FOR_LOOPS: usize = 4;
 
 pub(crate) struct LoraLinear {
     weight: WeightMatrix,
@@ -103,41 +103,63 @@ impl LoraLinear {
         self.adapters.iter().find(|(s, _)| *s == slot).map(|(_, f)| f)
     }
 
-    /// `x`: (tokens, in) → (tokens, out).
-    pub fn forward(&self, x: &Tensor, active: ActiveAdapters) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        self.add_bias_and_adapters(x, y, active)
+    fn active<'a>(&'a self, active: ActiveAdapters<'a>) -> impl Iterator<Item = (&'a LoraFactors, f32)> + 'a {
+        active.iter().filter_map(|&(slot, multiplier)| Some((self.adapter(slot)?, multiplier)))
     }
 
-    /// The forwards of several layers that read the same `x`, their base
-    /// products computed together.
+    /// `x`: (tokens, in) → (tokens, out).
+    pub fn forward(&self, x: &Tensor, active: ActiveAdapters) -> Result<Tensor> {
+        let [y] = Self::forward_shared([self], x, active)?;
+        Ok(y)
+    }
+
+    /// The forwards of several layers that read the same `x` (q/k/v,
+    /// gate/up). For a few tokens on packed weights, each token is one pass
+    /// over the thread pool for all layers, adapters included.
     pub fn forward_shared<const N: usize>(layers: [&LoraLinear; N], x: &Tensor, active: ActiveAdapters) -> Result<[Tensor; N]> {
-        let weights: Vec<&WeightMatrix> = layers.iter().map(|l| &l.weight).collect();
-        let products = WeightMatrix::forward_shared(&weights, x)?;
-        let outputs = layers.iter().zip(products).map(|(layer, y)| layer.add_bias_and_adapters(x, y, active)).collect::<Result<Vec<_>>>()?;
+        let tokens = x.dim(0)?;
+        let packed: Option<Vec<&PackedMatrix>> = layers.iter().map(|l| l.weight.as_packed()).collect();
+        let outputs = match packed {
+            Some(packed) if tokens <= MAX_TOKENS_FOR_LOOPS => {
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; tokens * l.out_features]).collect();
+                for (t, row) in xs.chunks_exact(x.dim(1)?).enumerate() {
+                    let middles: Vec<Vec<Vec<f32>>> = layers.iter().map(|l| l.active(active).map(|(f, m)| f.project(row, m)).collect()).collect();
+                    let mut jobs: Vec<GemvJob> = layers
+                        .iter()
+                        .zip(&packed)
+                        .zip(ys.iter_mut())
+                        .zip(&middles)
+                        .map(|(((layer, weight), y), middles)| GemvJob {
+                            weight,
+                            out: &mut y[t * layer.out_features..(t + 1) * layer.out_features],
+                            low_rank: layer.active(active).zip(middles).map(|((f, _), h)| LowRank { b_t: &f.b_t, h }).collect(),
+                        })
+                        .collect();
+                    PackedMatrix::gemv_shared(&mut jobs, row);
+                }
+                layers
+                    .iter()
+                    .zip(ys)
+                    .map(|(layer, y)| layer.add_bias(Tensor::from_vec(y, (tokens, layer.out_features), x.device())?))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            _ => layers.iter().map(|layer| layer.forward_unfused(x, active)).collect::<Result<Vec<_>>>()?,
+        };
         outputs.try_into().map_err(|_| candle_core::Error::Msg("forward_shared: output count".into()).into())
     }
 
-    fn add_bias_and_adapters(&self, x: &Tensor, mut y: Tensor, active: ActiveAdapters) -> Result<Tensor> {
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        let mut adapters = active.iter().filter_map(|&(slot, multiplier)| Some((self.adapter(slot)?, multiplier))).peekable();
-        if adapters.peek().is_none() {
-            return Ok(y);
-        }
-        let tokens = x.dim(0)?;
-        if tokens <= MAX_TOKENS_FOR_LOOPS {
-            let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
-            for (factors, multiplier) in adapters {
-                for (xr, yr) in xs.chunks_exact(self.in_features).zip(ys.chunks_exact_mut(self.out_features)) {
-                    factors.add_to_row(xr, yr, multiplier);
-                }
-            }
-            return Ok(Tensor::from_vec(ys, (tokens, self.out_features), x.device())?);
-        }
-        for (factors, multiplier) in adapters {
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        })
+    }
+
+    /// Base product, bias and adapters as separate tensor ops.
+    fn forward_unfused(&self, x: &Tensor, active: ActiveAdapters) -> Result<Tensor> {
+        let mut y = self.add_bias(self.weight.forward(x)?)?;
+        for (factors, multiplier) in self.active(active) {
             y = (y + factors.product(x, multiplier)?)?;
         }
         Ok(y)

@@ -40,33 +40,11 @@ impl WeightMatrix {
         })
     }
 
-    /// `x·Wᵢᵀ` for several weights that read the same `x` (q/k/v, gate/up): one
-    /// pass over the thread pool per token when all are packed.
-    pub fn forward_shared(weights: &[&WeightMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
-        let packed: Option<Vec<&PackedMatrix>> = weights
-            .iter()
-            .map(|w| match w {
-                Self::Packed(p) => Some(p),
-                Self::Candle(_) => None,
-            })
-            .collect();
-        let tokens = x.dim(0)?;
-        let Some(packed) = packed.filter(|_| tokens <= MAX_ROWS_FOR_QUANTIZED_KERNEL) else {
-            return weights.iter().map(|w| w.forward(x)).collect();
-        };
-        let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let cols = x.dim(1)?;
-        let mut outputs: Vec<Vec<f32>> = packed.iter().map(|p| vec![0f32; tokens * p.rows()]).collect();
-        for (t, row) in xs.chunks_exact(cols).enumerate() {
-            let mut jobs: Vec<(&PackedMatrix, &mut [f32])> =
-                packed.iter().zip(outputs.iter_mut()).map(|(p, out)| (*p, &mut out[t * p.rows()..(t + 1) * p.rows()])).collect();
-            PackedMatrix::gemv_shared(&mut jobs, row);
+    pub fn as_packed(&self) -> Option<&PackedMatrix> {
+        match self {
+            Self::Packed(p) => Some(p),
+            Self::Candle(_) => None,
         }
-        packed
-            .iter()
-            .zip(outputs)
-            .map(|(p, out)| Ok(Tensor::from_vec(out, (tokens, p.rows()), x.device())?))
-            .collect()
     }
 
     /// Rows `ids` as f32: the lookup of an embedding table.

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use half::f16;
 
 use super::error::Result;
-use super::vector::DisjointWrites;
+use super::vector::{axpy, DisjointWrites};
 
 const BLOCK: usize = 32;
 /// Rows are stored in groups of four, interleaved block by block, so that one
@@ -191,38 +191,65 @@ impl PackedMatrix {
 
     /// `y[r] = Σ_c w[r][c]·x[c]` for one activation row.
     pub fn gemv(&self, x: &[f32], y: &mut [f32]) {
-        Self::gemv_shared(&mut [(self, y)], x);
+        Self::gemv_shared(&mut [GemvJob { weight: self, out: y, low_rank: Vec::new() }], x);
     }
 
     /// Several matrices with the same number of columns times one activation
     /// row, in a single pass over the thread pool (q/k/v, gate/up): the row is
-    /// quantized once and the pool is woken once.
-    pub fn gemv_shared(jobs: &mut [(&PackedMatrix, &mut [f32])], x: &[f32]) {
+    /// quantized once and the pool is woken once. Each job's low-rank terms
+    /// (LoRA's B·h) are added row by row in the same pass.
+    pub fn gemv_shared(jobs: &mut [GemvJob], x: &[f32]) {
         let act = QuantizedRow::new(x);
         // Group index ranges of each job, laid end to end.
         let mut starts = Vec::with_capacity(jobs.len() + 1);
         starts.push(0);
-        for (w, y) in jobs.iter() {
-            debug_assert_eq!(w.cols, x.len());
-            debug_assert_eq!(y.len(), w.rows);
-            starts.push(starts.last().copied().unwrap_or(0) + w.rows.div_ceil(GROUP));
+        for job in jobs.iter() {
+            debug_assert_eq!(job.weight.cols, x.len());
+            debug_assert_eq!(job.out.len(), job.weight.rows);
+            starts.push(starts.last().copied().unwrap_or(0) + job.weight.rows.div_ceil(GROUP));
         }
-        let outputs: Vec<(&PackedMatrix, DisjointWrites)> = jobs.iter_mut().map(|(w, y)| (*w, DisjointWrites(y.as_mut_ptr()))).collect();
+        let out_ptrs: Vec<DisjointWrites> = jobs.iter_mut().map(|job| DisjointWrites(job.out.as_mut_ptr())).collect();
+        let jobs: &[GemvJob] = jobs;
         let total = starts.last().copied().unwrap_or(0);
         parallel_rows(total, 8, |range| {
-            for flat in range {
-                let job = starts.partition_point(|&s| s <= flat) - 1;
-                let (w, y_ptr) = outputs[job];
-                let g = flat - starts[job];
-                let sums = dot_group(w, g, &act);
-                let first = g * GROUP;
-                let count = (w.rows - first).min(GROUP);
+            // The range may span several jobs: handle it job by job.
+            let mut flat = range.start;
+            while flat < range.end {
+                let index = starts.partition_point(|&s| s <= flat) - 1;
+                let (job, out_ptr) = (&jobs[index], out_ptrs[index]);
+                let w = job.weight;
+                let groups = (flat - starts[index])..(range.end.min(starts[index + 1]) - starts[index]);
+                flat += groups.len();
+                let rows = (groups.start * GROUP)..(groups.end * GROUP).min(w.rows);
                 // SAFETY: each group of rows of each output is written by exactly one task.
-                let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(first), count) };
-                out.copy_from_slice(&sums[..count]);
+                let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(rows.start), rows.len()) };
+                for g in groups {
+                    let sums = dot_group(w, g, &act);
+                    let first = g * GROUP - rows.start;
+                    let count = (out.len() - first).min(GROUP);
+                    out[first..first + count].copy_from_slice(&sums[..count]);
+                }
+                for term in &job.low_rank {
+                    for (h, b_row) in term.h.iter().zip(term.b_t.chunks_exact(w.rows)) {
+                        axpy(*h, &b_row[rows.clone()], out);
+                    }
+                }
             }
         });
     }
+}
+
+/// One matrix-vector product of a [`PackedMatrix::gemv_shared`] pass.
+pub struct GemvJob<'a> {
+    pub weight: &'a PackedMatrix,
+    pub out: &'a mut [f32],
+    pub low_rank: Vec<LowRank<'a>>,
+}
+
+/// A low-rank addend `B·h`: `b_t` is Bᵀ, `(rank, rows)` row-major, `h` has `rank` values.
+pub struct LowRank<'a> {
+    pub b_t: &'a [f32],
+    pub h: &'a [f32],
 }
 
 /// One activation row quantized like the weights: per 32-block a scale `d`,
