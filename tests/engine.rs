@@ -9,7 +9,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use common::{max_abs_diff, TinyModel, TinySpec, TinyVocab};
 use memlora::adapters::{LoraAdapter, ModuleKey};
-use memlora::engine::{ChatMessage, ChatModel, Checkpoint, Decoder, LoadOptions, Role, SamplingParams, StopReason, TargetModule, WeightFormat};
+use memlora::engine::{
+    ChatMessage, ChatModel, Checkpoint, Decoder, LoadOptions, Role, SamplingParams, StopReason, TargetModule, WeightFormat,
+};
 
 /// Logits agree to this absolute tolerance when the same f32 computation is
 /// arranged differently (fused vs separate LoRA, GGUF vs safetensors layout).
@@ -106,7 +108,8 @@ fn adapters_on_gguf_llama_follow_the_permuted_rotary_layout() {
     let dir = tempfile::tempdir().unwrap();
     let base = TinyModel::random(TinySpec::llama(), 4);
     let mut model = load(&base.write_gguf(&dir.path().join("base.gguf"), GgmlDType::F32));
-    let adapter = LoraAdapter::random(model.decoder_config(), 4, 8.0, &[TargetModule::Q, TargetModule::K, TargetModule::V], 0.3, 5).unwrap();
+    let adapter =
+        LoraAdapter::random(model.decoder_config(), 4, 8.0, &[TargetModule::Q, TargetModule::K, TargetModule::V], 0.3, 5).unwrap();
     model.attach_adapter("qkv", &adapter).unwrap();
     let got = logits(&mut model, &[("qkv", 1.0)]);
     let expected = logits(&mut load(&merged(&base, &[(&adapter, 1.0)]).write_gguf(&dir.path().join("merged.gguf"), GgmlDType::F32)), &[]);
@@ -160,7 +163,9 @@ fn incremental_decoding_with_the_cache_matches_a_full_forward() {
     // f32 weights take the same arithmetic either way; with Q8_0 weights a
     // single token goes through the 8-bit kernel and a long prompt through f32
     // matmul, so they agree only up to activation rounding.
-    for (spec, stored, tolerance) in [(TinySpec::llama(), GgmlDType::F32, 1e-3), (TinySpec::qwen2(), GgmlDType::F32, 1e-3), (TinySpec::qwen2(), GgmlDType::Q8_0, 0.05)] {
+    for (spec, stored, tolerance) in
+        [(TinySpec::llama(), GgmlDType::F32, 1e-3), (TinySpec::qwen2(), GgmlDType::F32, 1e-3), (TinySpec::qwen2(), GgmlDType::Q8_0, 0.05)]
+    {
         let path = TinyModel::random(spec, 8).write_gguf(&dir.path().join("m.gguf"), stored);
         let mut checkpoint = Checkpoint::open(&path, WeightFormat::Keep).unwrap();
         let mut decoder = Decoder::load(&mut checkpoint, 512, &candle_core::Device::Cpu).unwrap();
@@ -223,14 +228,19 @@ fn cancelling_stops_the_stream() {
     let mut model = load(&path);
     let mut pieces = 0;
     let g = model
-        .generate(&[ChatMessage::new(Role::User, "hello")], &SamplingParams { max_tokens: 50, ..SamplingParams::default() }, &[], &mut |_| {
-            pieces += 1;
-            if pieces == 3 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
+        .generate(
+            &[ChatMessage::new(Role::User, "hello")],
+            &SamplingParams { max_tokens: 50, ..SamplingParams::default() },
+            &[],
+            &mut |_| {
+                pieces += 1;
+                if pieces == 3 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
         .unwrap();
     assert_eq!(g.stop_reason, StopReason::Cancelled);
     assert!(g.completion_tokens < 50);
@@ -289,7 +299,8 @@ fn adapters_that_do_not_fit_are_refused_with_the_reason() {
 
     let mut deeper = model.decoder_config().clone();
     deeper.num_layers = 5;
-    let err = model.attach_adapter("deep", &LoraAdapter::random(&deeper, 8, 16.0, &[TargetModule::V], 0.1, 1).unwrap()).unwrap_err().to_string();
+    let err =
+        model.attach_adapter("deep", &LoraAdapter::random(&deeper, 8, 16.0, &[TargetModule::V], 0.1, 1).unwrap()).unwrap_err().to_string();
     assert!(err.contains("layer 4") || err.contains("layers"), "{err}");
 
     let mut foreign = LoraAdapter::random(model.decoder_config(), 8, 16.0, &[TargetModule::V], 0.1, 1).unwrap();

@@ -34,7 +34,13 @@ fn default_model_answers_the_france_question_with_paris() {
         messages.push(ChatMessage::new(Role::System, config.generation.system.clone()));
     }
     messages.push(ChatMessage::new(Role::User, "What is the capital of France?"));
-    let sampling = SamplingParams { max_tokens: 32, temperature: 0.0, top_p: 1.0, seed: config.generation.seed, repeat_penalty: config.generation.repeat_penalty };
+    let sampling = SamplingParams {
+        max_tokens: 32,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: config.generation.seed,
+        repeat_penalty: config.generation.repeat_penalty,
+    };
     let answer = model.generate(&messages, &sampling, &[], &mut |_| ControlFlow::Continue(())).unwrap();
     assert!(answer.text.contains("Paris"), "answer: {:?}", answer.text);
 }

@@ -137,7 +137,14 @@ impl LoraAdapter {
 
     /// An adapter with uniformly random factors for every layer's `targets`
     /// (benchmarks and tests). `b_scale` = 0 gives an adapter that changes nothing.
-    pub fn random(model: &crate::engine::DecoderConfig, rank: usize, alpha: f64, targets: &[TargetModule], b_scale: f32, seed: u64) -> candle_core::Result<Self> {
+    pub fn random(
+        model: &crate::engine::DecoderConfig,
+        rank: usize,
+        alpha: f64,
+        targets: &[TargetModule],
+        b_scale: f32,
+        seed: u64,
+    ) -> candle_core::Result<Self> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut uniform = |n: usize, bound: f32| -> Vec<f32> {
@@ -191,7 +198,10 @@ impl LoraAdapter {
         let mut halves: HashMap<ModuleKey, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for (name, tensor) in tensors {
             let Some((key, factor)) = ModuleKey::parse(&name) else {
-                return Err(bad(&weights_path, format!("unexpected tensor '{name}' (only lora_A/lora_B of q,k,v,o,gate,up,down projections are supported)")));
+                return Err(bad(
+                    &weights_path,
+                    format!("unexpected tensor '{name}' (only lora_A/lora_B of q,k,v,o,gate,up,down projections are supported)"),
+                ));
             };
             let tensor = tensor.to_dtype(DType::F32).map_err(|e| bad(&weights_path, e.to_string()))?;
             let entry = halves.entry(key).or_default();
@@ -209,7 +219,10 @@ impl LoraAdapter {
                 return Err(bad(&weights_path, format!("{}: LoRA factors must be matrices", key.peft_prefix())));
             };
             if ra != config.r || rb != config.r {
-                return Err(bad(&weights_path, format!("{}: rank {ra}/{rb} in the weights but r = {} in {CONFIG_FILE}", key.peft_prefix(), config.r)));
+                return Err(bad(
+                    &weights_path,
+                    format!("{}: rank {ra}/{rb} in the weights but r = {} in {CONFIG_FILE}", key.peft_prefix(), config.r),
+                ));
             }
             modules.insert(key, LoraPair { a, b });
         }
@@ -284,7 +297,8 @@ mod tests {
         let a = Tensor::arange(0f32, 8.0 * 4.0, &Device::Cpu).unwrap().reshape((8, 4)).unwrap();
         let b = Tensor::ones((6, 8), DType::F32, &Device::Cpu).unwrap();
         modules.insert(key, LoraPair { a: a.clone(), b });
-        let config: PeftConfig = serde_json::from_str(r#"{"r": 8, "lora_alpha": 16, "base_model_name_or_path": "tiny", "fan_in_fan_out": false}"#).unwrap();
+        let config: PeftConfig =
+            serde_json::from_str(r#"{"r": 8, "lora_alpha": 16, "base_model_name_or_path": "tiny", "fan_in_fan_out": false}"#).unwrap();
         let adapter = LoraAdapter { config, modules };
         let path = dir.path().join("adapter");
         adapter.save(&path).unwrap();
@@ -303,11 +317,26 @@ mod tests {
         std::fs::create_dir_all(&path).unwrap();
         std::fs::write(path.join(CONFIG_FILE), r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}"#).unwrap();
         let mut tensors = HashMap::new();
-        tensors.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(), Tensor::zeros((8, 16), DType::F32, &Device::Cpu).unwrap());
-        tensors.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".to_string(), Tensor::zeros((16, 8), DType::F32, &Device::Cpu).unwrap());
+        tensors.insert(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+            Tensor::zeros((8, 16), DType::F32, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".to_string(),
+            Tensor::zeros((16, 8), DType::F32, &Device::Cpu).unwrap(),
+        );
         candle_core::safetensors::save(&tensors, path.join(WEIGHTS_FILE)).unwrap();
         let err = LoraAdapter::load(&path).unwrap_err().to_string();
         assert!(err.contains("rank 8/8") && err.contains(WEIGHTS_FILE), "{err}");
+
+        // A module memlora cannot adapt (the output head) is named.
+        std::fs::write(path.join(CONFIG_FILE), r#"{"r": 8, "lora_alpha": 8, "target_modules": ["lm_head"]}"#).unwrap();
+        let mut head = HashMap::new();
+        head.insert("base_model.model.lm_head.lora_A.weight".to_string(), Tensor::zeros((8, 16), DType::F32, &Device::Cpu).unwrap());
+        head.insert("base_model.model.lm_head.lora_B.weight".to_string(), Tensor::zeros((16, 8), DType::F32, &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&head, path.join(WEIGHTS_FILE)).unwrap();
+        let err = LoraAdapter::load(&path).unwrap_err().to_string();
+        assert!(err.contains("lm_head") && err.contains("unexpected tensor"), "{err}");
 
         std::fs::write(path.join(CONFIG_FILE), "{not json").unwrap();
         let err = LoraAdapter::load(&path).unwrap_err().to_string();

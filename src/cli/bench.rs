@@ -47,7 +47,10 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
         let targets = args
             .lora_targets
             .iter()
-            .map(|t| TargetModule::from_hf_name(t).with_context(|| format!("unknown LoRA target '{t}' (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))
+            .map(|t| {
+                TargetModule::from_hf_name(t)
+                    .with_context(|| format!("unknown LoRA target '{t}' (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let adapter = LoraAdapter::random(chat.decoder_config(), rank, 2.0 * rank as f64, &targets, 0.01, 7)?;
         let attach_started = Instant::now();
@@ -111,7 +114,13 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
         println!("{report}");
         return Ok(());
     }
-    println!("model            {} ({}, {:.1}M parameters, weights {})", model_name, info.architecture, info.parameters as f64 / 1e6, env.config.engine.weights);
+    println!(
+        "model            {} ({}, {:.1}M parameters, weights {})",
+        model_name,
+        info.architecture,
+        info.parameters as f64 / 1e6,
+        env.config.engine.weights
+    );
     println!("threads          {}", rayon_threads());
     println!("load             {:.2} s", info.load_seconds);
     println!("prefill          {:.1} tok/s (pp{})", base.prefill_tokens_per_second(), base.prompt_tokens);
@@ -119,13 +128,15 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
     println!("first token      {:.3} s after a {}-token prompt", base.time_to_first_token_seconds, base.prompt_tokens);
     if let Some((rank, targets, attach, switch, run)) = &lora {
         let names: Vec<_> = targets.iter().map(|t| t.hf_name()).collect();
-        println!("lora r={rank} on {}: prefill {:.1} tok/s, decode {:.1} tok/s ({:+.1} %), attach {:.1} ms, switch {:.2} µs",
+        println!(
+            "lora r={rank} on {}: prefill {:.1} tok/s, decode {:.1} tok/s ({:+.1} %), attach {:.1} ms, switch {:.2} µs",
             names.join(","),
             run.prefill_tokens_per_second(),
             run.decode_tokens_per_second(),
             -100.0 * (1.0 - run.decode_tokens_per_second() / base.decode_tokens_per_second()),
             attach * 1e3,
-            switch * 1e6);
+            switch * 1e6
+        );
     }
     match peak_rss_mb {
         Some(mb) => println!("peak RSS         {mb:.0} MB"),
@@ -149,7 +160,10 @@ fn median_run(runs: &[SpeedRun]) -> SpeedRun {
 }
 
 fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).

@@ -47,9 +47,10 @@ impl Env {
         if path.exists() {
             return Ok(ResolvedModel { weights: path.to_path_buf(), manifest: None });
         }
-        let manifest = self.catalog.get(name_or_path).with_context(|| {
-            format!("model '{name_or_path}' is neither a file nor a known model (see `memlora models list`)")
-        })?;
+        let manifest = self
+            .catalog
+            .get(name_or_path)
+            .with_context(|| format!("model '{name_or_path}' is neither a file nor a known model (see `memlora models list`)"))?;
         let files = match self.cache.resolve(manifest) {
             Some(files) => files,
             None => {
@@ -79,7 +80,10 @@ impl Env {
             let (name, scale) = parse_adapter_spec(spec)?;
             let dir = self.adapter_dir(&name);
             if !dir.exists() {
-                anyhow::bail!("adapter '{name}' not found: not a directory, and not installed in {}", self.paths.data_dir.join("adapters").display());
+                anyhow::bail!(
+                    "adapter '{name}' not found: not a directory, and not installed in {}",
+                    self.paths.data_dir.join("adapters").display()
+                );
             }
             let adapter = LoraAdapter::load(&dir)?;
             let slot_name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or(name);

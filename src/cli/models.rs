@@ -112,7 +112,7 @@ fn list(env: &Env, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
-    println!("{:<24} {:<10} {:<8} {:>9}  {}", "NAME", "KIND", "PRESENT", "SIZE", "PATH");
+    println!("{:<24} {:<10} {:<8} {:>9}  PATH", "NAME", "KIND", "PRESENT", "SIZE");
     for row in rows {
         let size = row["size_bytes"].as_u64().unwrap_or(0);
         println!(

@@ -42,8 +42,7 @@ impl ChatTemplate {
         });
         // Llama 3.x templates print today's date ("%d %b %Y" is the only format they use).
         env.add_function("strftime_now", |_format: String| -> String { today() });
-        env.add_template_owned("chat", source.unwrap_or(CHATML).to_string())
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        env.add_template_owned("chat", source.unwrap_or(CHATML).to_string()).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
     }
 

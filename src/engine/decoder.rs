@@ -174,15 +174,24 @@ impl Decoder {
         };
         let (cos, sin) = rotary_tables(&config, context, device)?;
         let cache = Vec::new();
-        Ok(Self { config, device: device.clone(), embeddings, layers, norm, lm_head, cos, sin, cache, cache_len: 0, cache_capacity: 0, context })
+        Ok(Self {
+            config,
+            device: device.clone(),
+            embeddings,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            cache,
+            cache_len: 0,
+            cache_capacity: 0,
+            context,
+        })
     }
 
     pub fn config(&self) -> &DecoderConfig {
         &self.config
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     /// Positions this decoder can hold (prompt + answer).
@@ -239,7 +248,7 @@ impl Decoder {
             return Err(EngineError::PromptTooLong { prompt_tokens: start + seq, context: self.context, reserved: 0 });
         }
         self.reserve(start + seq)?;
-        let mut x = self.embeddings.rows(tokens)?;
+        let mut x = self.embeddings.embedding(tokens)?;
         let cos = self.cos.narrow(0, start, seq)?;
         let sin = self.sin.narrow(0, start, seq)?;
         let mask = causal_mask(seq, start, self.config.num_heads / self.config.num_kv_heads, &self.device)?;

@@ -46,7 +46,8 @@ impl Embedder {
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams { max_length: MAX_TOKENS, ..Default::default() }))
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        tokenizer.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::BatchLongest, ..Default::default() }));
+        tokenizer
+            .with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::BatchLongest, ..Default::default() }));
         Ok(Self { model, tokenizer, dimension: config.hidden_size, device })
     }
 

@@ -124,7 +124,8 @@ impl LoraLinear {
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; tokens * l.out_features]).collect();
                 for (t, row) in xs.chunks_exact(x.dim(1)?).enumerate() {
-                    let middles: Vec<Vec<Vec<f32>>> = layers.iter().map(|l| l.active(active).map(|(f, m)| f.project(row, m)).collect()).collect();
+                    let middles: Vec<Vec<Vec<f32>>> =
+                        layers.iter().map(|l| l.active(active).map(|(f, m)| f.project(row, m)).collect()).collect();
                     let mut jobs: Vec<GemvJob> = layers
                         .iter()
                         .zip(&packed)

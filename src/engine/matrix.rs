@@ -48,11 +48,13 @@ impl WeightMatrix {
     }
 
     /// Rows `ids` as f32: the lookup of an embedding table.
-    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+    pub fn embedding(&self, ids: &[u32]) -> Result<Tensor> {
         Ok(match self {
             Self::Packed(p) => p.rows_f32(ids)?,
             Self::Candle(QMatMul::QTensor(q)) => q.embedding(&Tensor::new(ids, &Device::Cpu)?)?,
-            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.embedding(&Tensor::new(ids, &Device::Cpu)?)?.to_dtype(candle_core::DType::F32)?,
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.embedding(&Tensor::new(ids, &Device::Cpu)?)?.to_dtype(candle_core::DType::F32)?
+            }
         })
     }
 

@@ -152,7 +152,10 @@ impl ChatModel {
             (Some(file), _) => TextTokenizer::from_file(&file)?,
             (None, Some(md)) => TextTokenizer::from_gguf(path, md)?,
             (None, None) => {
-                return Err(EngineError::MissingTokenizer { path: path.to_path_buf(), message: "no tokenizer.json beside the model".into() })
+                return Err(EngineError::MissingTokenizer {
+                    path: path.to_path_buf(),
+                    message: "no tokenizer.json beside the model".into(),
+                })
             }
         };
         let template_source = tokenizer.chat_template.clone().or_else(|| options.chat_template.clone());
@@ -160,7 +163,10 @@ impl ChatModel {
         let decoder = Decoder::load(&mut checkpoint, options.context, &device)?;
         let config = decoder.config();
         if tokenizer.vocab_size() > config.vocab_size {
-            return Err(error::bad_file(path, format!("tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), config.vocab_size)));
+            return Err(error::bad_file(
+                path,
+                format!("tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), config.vocab_size),
+            ));
         }
         let info = ModelInfo {
             path: path.to_path_buf(),
@@ -334,11 +340,8 @@ impl ChatModel {
         if prompt.is_empty() {
             return Err(EngineError::Tokenizer("empty prompt".into()));
         }
-        let reusable = if active == self.cached_adapters.as_slice() {
-            common_prefix(&self.cached_tokens, prompt).min(prompt.len() - 1)
-        } else {
-            0
-        };
+        let reusable =
+            if active == self.cached_adapters.as_slice() { common_prefix(&self.cached_tokens, prompt).min(prompt.len() - 1) } else { 0 };
         self.decoder.truncate_cache(reusable);
         self.cached_tokens.truncate(reusable);
         self.cached_adapters = active.to_vec();

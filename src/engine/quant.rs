@@ -453,7 +453,9 @@ mod tests {
     use candle_core::Device;
 
     fn matrix(rows: usize, cols: usize, seed: u32) -> Tensor {
-        let data: Vec<f32> = (0..rows * cols).map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0) - 0.5).collect();
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0) - 0.5)
+            .collect();
         Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
     }
 

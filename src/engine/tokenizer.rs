@@ -72,8 +72,7 @@ impl TextTokenizer {
             .unwrap_or_default();
         let id_of = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
 
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         // Token types 3 (control) and 4 (user defined) are matched whole, never split.
         let added: Vec<serde_json::Value> = tokens
             .iter()
@@ -97,10 +96,8 @@ impl TextTokenizer {
                 "vocab": vocab, "merges": merges,
             }
         });
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
-            .parse()
-            .map_err(|e| missing(format!("cannot build a tokenizer from GGUF metadata: {e}")))?;
+        let inner: tokenizers::Tokenizer =
+            spec.to_string().parse().map_err(|e| missing(format!("cannot build a tokenizer from GGUF metadata: {e}")))?;
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let eos_id = id_of("tokenizer.ggml.eos_token_id");
         let eot_id = id_of("tokenizer.ggml.eot_token_id");
@@ -152,7 +149,8 @@ fn token_string(v: &serde_json::Value) -> Option<String> {
 
 /// The pre-tokenizer llama.cpp associates with `tokenizer.ggml.pre`.
 fn pre_tokenizer(pre: &str) -> serde_json::Value {
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let byte_level =
+        |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |pattern: &str| {
         json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
@@ -166,7 +164,9 @@ fn pre_tokenizer(pre: &str) -> serde_json::Value {
             byte_level(true),
         ]}),
         "qwen2" => split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-        "llama-bpe" | "llama3" => split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+        "llama-bpe" | "llama3" => {
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+        }
         _ => byte_level(true),
     }
 }

@@ -165,8 +165,8 @@ impl Checkpoint {
         }
         use std::io::Seek;
         reader.rewind().map_err(|e| bad_file(path, e))?;
-        let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| bad_file(path, format!("corrupt or truncated GGUF header: {e}")))?;
+        let content =
+            gguf_file::Content::read(&mut reader).map_err(|e| bad_file(path, format!("corrupt or truncated GGUF header: {e}")))?;
         check_gguf_length(path, &content)?;
         let config = gguf_config(path, &content)?;
         let names = gguf_names(config.num_layers);
@@ -199,13 +199,7 @@ impl Checkpoint {
         // model files while a model is loaded.
         let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&shards) }
             .map_err(|e| bad_file(&shards[0], format!("invalid safetensors: {e}")))?;
-        Ok(Self {
-            path: dir.to_path_buf(),
-            config,
-            gguf_metadata: None,
-            source: TensorSource::Safetensors { files },
-            format,
-        })
+        Ok(Self { path: dir.to_path_buf(), config, gguf_metadata: None, source: TensorSource::Safetensors { files }, format })
     }
 
     pub fn is_gguf(&self) -> bool {
@@ -224,10 +218,9 @@ impl Checkpoint {
         let path = self.path.clone();
         let t = match &mut self.source {
             TensorSource::Gguf { .. } => self.quantized_raw(name, device)?.dequantize(device)?,
-            TensorSource::Safetensors { files } => files
-                .load(name, device)
-                .map_err(|e| bad_file(&path, format!("tensor {name}: {e}")))?
-                .to_dtype(DType::F32)?,
+            TensorSource::Safetensors { files } => {
+                files.load(name, device).map_err(|e| bad_file(&path, format!("tensor {name}: {e}")))?.to_dtype(DType::F32)?
+            }
         };
         Ok(t)
     }
@@ -261,9 +254,7 @@ impl Checkpoint {
         match &mut self.source {
             TensorSource::Gguf { content, reader, names } => {
                 let gguf_name = names.get(name).ok_or_else(|| bad_file(&path, format!("no GGUF name for tensor {name}")))?;
-                content
-                    .tensor(reader, gguf_name, device)
-                    .map_err(|e| bad_file(&path, format!("tensor {gguf_name}: {e}")))
+                content.tensor(reader, gguf_name, device).map_err(|e| bad_file(&path, format!("tensor {gguf_name}: {e}")))
             }
             TensorSource::Safetensors { .. } => {
                 let dense = self.dense(name, device)?;
@@ -287,11 +278,8 @@ fn requantize(raw: &QTensor, target: GgmlDType, device: &Device) -> Result<QTens
 }
 
 fn first_with_extension(dir: &Path, ext: &str) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == ext))
-        .collect();
+    let mut found: Vec<PathBuf> =
+        std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == ext)).collect();
     found.sort();
     found.into_iter().next()
 }
@@ -369,10 +357,7 @@ fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<DecoderConfi
     let num_heads = usize_of("attention.head_count")?;
     let num_kv_heads = usize_of("attention.head_count_kv").unwrap_or(num_heads);
     let head_dim = usize_of("attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
-    let embd = content
-        .tensor_infos
-        .get("token_embd.weight")
-        .ok_or_else(|| bad_file(path, "GGUF has no token_embd.weight tensor"))?;
+    let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| bad_file(path, "GGUF has no token_embd.weight tensor"))?;
     let vocab_size = embd.shape.dims().iter().copied().find(|&d| d != hidden_size).unwrap_or(hidden_size);
     let config = DecoderConfig {
         architecture,
@@ -399,10 +384,10 @@ fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<DecoderConfi
 
 fn validate(path: &Path, config: DecoderConfig) -> Result<DecoderConfig> {
     let c = &config;
-    if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+    if c.num_heads == 0 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
         return Err(bad_file(path, format!("{} attention heads cannot share {} key/value heads", c.num_heads, c.num_kv_heads)));
     }
-    if c.head_dim == 0 || c.head_dim % 2 != 0 || c.num_layers == 0 || c.vocab_size == 0 {
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) || c.num_layers == 0 || c.vocab_size == 0 {
         return Err(bad_file(path, "model dimensions are zero or odd (head_dim must be even)"));
     }
     Ok(config)

