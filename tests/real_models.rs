@@ -57,3 +57,31 @@ fn minilm_puts_cat_nearer_kitten_than_revenue() {
     let single = embedder.embed(&["revenue"]).unwrap();
     assert!(cosine(&single[0], &v[2]) > 0.9999);
 }
+
+/// Perplexity of `text` when every position is computed as in decoding
+/// (one token at a time, through the quantized kernels).
+fn stepwise_perplexity(model: &mut ChatModel, text: &str) -> f64 {
+    let tokens = model.tokenizer().encode(text).unwrap();
+    let mut nll = 0.0;
+    for end in 1..tokens.len() {
+        let logits = model.next_token_logits(&tokens[..end], &[]).unwrap();
+        let log_probs = candle_nn::ops::log_softmax(&logits, 0).unwrap();
+        nll -= f64::from(log_probs.get(tokens[end] as usize).unwrap().to_scalar::<f32>().unwrap());
+    }
+    (nll / (tokens.len() - 1) as f64).exp()
+}
+
+#[test]
+fn decode_kernels_keep_the_models_perplexity() {
+    let Some(files) = provisioned("smollm2-135m-instruct") else { return };
+    const TEXT: &str = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the engineer \
+        Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally nicknamed La dame de fer, it was constructed \
+        as the centrepiece of the 1889 World's Fair, and to crown the centennial anniversary of the French Revolution.";
+    let load = |weights: &str| ChatModel::load(&files.weights, &LoadOptions { weights: weights.parse().unwrap(), ..LoadOptions::default() }).unwrap();
+    // f32 weights: the exact values of the shipped Q4_1 file, f32 arithmetic.
+    let reference = stepwise_perplexity(&mut load("f32"), TEXT);
+    let ours = stepwise_perplexity(&mut load("auto"), TEXT);
+    eprintln!("perplexity: f32 {reference:.3}, default kernels {ours:.3}");
+    assert!(reference > 2.0 && reference < 30.0, "the model reads English: perplexity {reference}");
+    assert!((ours / reference - 1.0).abs() < 0.01, "default kernels change perplexity from {reference:.3} to {ours:.3}");
+}
