@@ -5,4 +5,5 @@
 pub mod adapters;
 pub mod config;
 pub mod engine;
+pub mod memory;
 pub mod models;
