@@ -74,10 +74,13 @@ fn stepwise_perplexity(model: &mut ChatModel, text: &str) -> f64 {
 #[test]
 fn decode_kernels_keep_the_models_perplexity() {
     let Some(files) = provisioned("smollm2-135m-instruct") else { return };
-    const TEXT: &str = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the engineer \
+    const TEXT: &str =
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the engineer \
         Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally nicknamed La dame de fer, it was constructed \
         as the centrepiece of the 1889 World's Fair, and to crown the centennial anniversary of the French Revolution.";
-    let load = |weights: &str| ChatModel::load(&files.weights, &LoadOptions { weights: weights.parse().unwrap(), ..LoadOptions::default() }).unwrap();
+    let load = |weights: &str| {
+        ChatModel::load(&files.weights, &LoadOptions { weights: weights.parse().unwrap(), ..LoadOptions::default() }).unwrap()
+    };
     // f32 weights: the exact values of the shipped Q4_1 file, f32 arithmetic.
     let reference = stepwise_perplexity(&mut load("f32"), TEXT);
     let ours = stepwise_perplexity(&mut load("auto"), TEXT);

@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 
-use super::vector::{axpy, dot, DisjointWrites};
+use crate::vector::{axpy, dot, DisjointWrites};
 
 /// Multiply-adds below which the heads are computed on the calling thread.
 const PARALLEL_WORK: usize = 32 * 1024;

@@ -81,5 +81,5 @@ impl Embedder {
 
 /// Cosine similarity of two unit vectors.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    crate::vector::dot(a, b)
 }

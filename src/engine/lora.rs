@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::error::Result;
 use super::matrix::WeightMatrix;
 use super::quant::{GemvJob, LowRank, PackedMatrix};
-use super::vector::dot;
+use crate::vector::dot;
 
 /// Index of an adapter slot in a loaded model.
 pub type SlotId = usize;

@@ -10,7 +10,6 @@ mod lora;
 mod matrix;
 mod quant;
 mod tokenizer;
-mod vector;
 mod weights;
 
 use std::ops::ControlFlow;

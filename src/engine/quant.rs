@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use half::f16;
 
 use super::error::Result;
-use super::vector::{axpy, DisjointWrites};
+use crate::vector::{axpy, DisjointWrites};
 
 const BLOCK: usize = 32;
 /// Rows are stored in groups of four, interleaved block by block, so that one

@@ -5,6 +5,8 @@
 //! (≈13 ms), over half the retrieval budget. So the pass runs over an int8 copy (a quarter
 //! of the bytes, one scale per row) and only its best candidates are rescored exactly.
 
+use crate::vector::dot;
+
 /// How many approximate candidates per wanted result are rescored with the f32 rows;
 /// int8 rounding moves a cosine by about 0.005, far less than the gaps this pool spans.
 const RESCORE_FACTOR: usize = 4;
@@ -126,20 +128,6 @@ pub(super) fn norm(vector: &[f32]) -> f32 {
 
 fn inverse_norm(vector: &[f32]) -> f32 {
     1.0 / norm(vector)
-}
-
-/// Eight independent partial sums: the compiler keeps them in one SIMD register instead of
-/// serialising every addition on a single accumulator.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..8 {
-            sums[lane] += x[lane] * y[lane];
-        }
-    }
-    sums.iter().sum::<f32>() + tail
 }
 
 /// Serde for `Vec<f32>` as standard base64 (with padding) of the little-endian bytes.

@@ -1,4 +1,5 @@
-//! Small f32 vector routines for the hand-written decode paths.
+//! Small f32 vector routines shared by the hand-written engine kernels and
+//! the memory store's similarity scan.
 
 /// Dot product with eight partial sums, so that it vectorises.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
