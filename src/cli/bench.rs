@@ -42,7 +42,6 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
     let (mut chat, active) = env.load_chat_model(&model_name, &args.adapters)?;
     let repeat = args.repeat.max(1);
     let mut lora = None;
-    let mut with_adapter = None;
     if let Some(rank) = args.lora_rank {
         let targets = args
             .lora_targets
@@ -66,20 +65,19 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
             std::hint::black_box(chat.active_adapters(set)?);
         }
         let switch_seconds = switch_started.elapsed().as_secs_f64() / f64::from(SWITCHES);
-        lora = Some((rank, targets, attach_seconds, switch_seconds));
-        with_adapter = Some(with);
+        lora = Some((rank, targets, attach_seconds, switch_seconds, with));
     }
     // Runs with and without the adapter alternate, so that a machine whose
     // speed drifts affects both alike; each figure is the median of `repeat`.
     let (mut base_runs, mut lora_runs) = (Vec::new(), Vec::new());
     for _ in 0..repeat {
         base_runs.push(chat.measure_speed(args.prompt_tokens, args.steps, &active)?);
-        if let Some(with) = &with_adapter {
+        if let Some((.., with)) = &lora {
             lora_runs.push(chat.measure_speed(args.prompt_tokens, args.steps, with)?);
         }
     }
     let base = median_run(&base_runs);
-    let lora = lora.map(|(rank, targets, attach, switch)| (rank, targets, attach, switch, median_run(&lora_runs)));
+    let lora = lora.map(|(rank, targets, attach, switch, _)| (rank, targets, attach, switch, median_run(&lora_runs)));
     let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1e6);
     let info = chat.info();
 

@@ -20,6 +20,8 @@ pub enum EngineError {
     UnknownAdapter(String),
     #[error("prompt has {prompt_tokens} tokens but the context holds {context} (with {reserved} reserved for the answer); shorten the message or raise engine.context")]
     PromptTooLong { prompt_tokens: usize, context: usize, reserved: usize },
+    #[error("nothing to run: the prompt has no tokens")]
+    EmptyPrompt,
     #[error("model computation failed: {}", first_line(.0))]
     Compute(#[from] candle_core::Error),
 }

@@ -337,7 +337,7 @@ impl ChatModel {
     /// and returns the last logits and how many tokens were reused.
     fn run_prompt(&mut self, prompt: &[u32], active: &[(SlotId, f32)]) -> Result<(Tensor, usize)> {
         if prompt.is_empty() {
-            return Err(EngineError::Tokenizer("empty prompt".into()));
+            return Err(EngineError::EmptyPrompt);
         }
         let reusable =
             if active == self.cached_adapters.as_slice() { common_prefix(&self.cached_tokens, prompt).min(prompt.len() - 1) } else { 0 };

@@ -239,9 +239,7 @@ impl PackedMatrix {
             }
         });
     }
-}
 
-impl PackedMatrix {
     /// `y = x·Wᵀ` for several activation rows `(tokens, cols)`: each group of
     /// four weight rows is read once and, while it sits in L1, multiplied by
     /// every activation row.

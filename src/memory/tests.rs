@@ -72,6 +72,16 @@ fn index_path(dir: &Path) -> PathBuf {
     dir.join(MEMORY_DIR).join(INDEX_DIR)
 }
 
+/// A data dir whose store holds `texts`, one batch each, and is closed again.
+fn closed_store_with(texts: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MemoryStore::open(dir.path(), DIM).unwrap();
+    for text in texts {
+        store.apply(vec![add(text)]).unwrap();
+    }
+    dir
+}
+
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -187,12 +197,7 @@ fn second_open_names_the_holder() {
 
 #[test]
 fn torn_tail_is_cut_off_and_earlier_records_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = MemoryStore::open(dir.path(), DIM).unwrap();
-    store.apply(vec![add("one")]).unwrap();
-    store.apply(vec![add("two")]).unwrap();
-    store.apply(vec![add("three")]).unwrap();
-    drop(store);
+    let dir = closed_store_with(&["one", "two", "three"]);
 
     // The last record lost its end.
     let log = fs::read(log_path(dir.path())).unwrap();
@@ -225,11 +230,7 @@ fn torn_tail_is_cut_off_and_earlier_records_kept() {
 
 #[test]
 fn garbage_in_the_middle_is_an_error_naming_the_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = MemoryStore::open(dir.path(), DIM).unwrap();
-    store.apply(vec![add("one")]).unwrap();
-    store.apply(vec![add("two")]).unwrap();
-    drop(store);
+    let dir = closed_store_with(&["one", "two"]);
     let log = fs::read_to_string(log_path(dir.path())).unwrap();
     let lines: Vec<&str> = log.lines().collect();
     fs::write(log_path(dir.path()), format!("{}\n{{\"seq\": garbage\n{}\n", lines[0], lines[1])).unwrap();
