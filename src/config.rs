@@ -21,6 +21,7 @@ pub struct Config {
     pub embedder: String,
     pub engine: EngineConfig,
     pub generation: GenerationConfig,
+    pub memory: MemoryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,7 +38,25 @@ pub struct GenerationConfig {
     pub top_p: f64,
     pub seed: u64,
     pub repeat_penalty: f32,
-    pub system: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MemoryConfig {
+    pub answer_memories: usize,
+    pub update_candidates: usize,
+    pub undecided_facts: crate::memory::pipeline::UndecidedFacts,
+    pub extract_window: usize,
+    pub user_name: String,
+    pub prompts: String,
+    pub adapters: OperationAdapters,
+}
+
+/// Adapter names (or directories) per memory operation; empty = none.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct OperationAdapters {
+    pub extract: String,
+    pub update: String,
+    pub generate: String,
 }
 
 /// Where memlora keeps things. The data dir holds private data (memories,

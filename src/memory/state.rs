@@ -115,6 +115,19 @@ impl State {
                 self.matrix.set(row, embedding);
                 *id
             }
+            RecordOp::Restore { memory } => {
+                if memory.id >= self.next_id {
+                    return Err(format!("restore of memory {}, which was never added", memory.id));
+                }
+                if self.row_of.contains_key(&memory.id) {
+                    return Err(format!("restore of memory {}, which is not deleted", memory.id));
+                }
+                self.check_embedding(&memory.embedding)?;
+                self.matrix.push(&memory.embedding);
+                self.row_of.insert(memory.id, self.rows.len());
+                self.rows.push(Memory { embedding: Vec::new(), ..memory.clone() });
+                memory.id
+            }
             RecordOp::Delete { id, .. } => {
                 let row = self.row_of.remove(id).ok_or_else(|| format!("delete of memory {id}, which does not exist"))?;
                 self.rows.swap_remove(row);

@@ -17,9 +17,9 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 
-const DIM: usize = 64;
+pub(super) const DIM: usize = 64;
 
-fn embed(text: &str) -> Vec<f32> {
+pub(super) fn embed(text: &str) -> Vec<f32> {
     let mut vector = vec![0f32; DIM];
     // A constant component keeps a text of unknown words from being the zero vector.
     vector[DIM - 1] = 0.05;
@@ -53,6 +53,7 @@ fn add_about(text: &str, subject: Option<&str>) -> MemoryOp {
         source: MemorySource::default(),
         image: None,
         embedding: embed(text),
+        created: None,
     }
 }
 
@@ -130,6 +131,89 @@ fn add_update_delete_round_trip_and_reopen() {
 }
 
 #[test]
+fn undo_reverts_batches_newest_first_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MemoryStore::open(dir.path(), DIM).unwrap();
+    let mut op = add("Maya lives in Lisbon");
+    if let MemoryOp::Add { event_time, .. } = &mut op {
+        *event_time = Some("8 May 2023".into());
+    }
+    store.apply_at(vec![op, add("Maya has a cat")], 100).unwrap();
+    store.apply_at(vec![add("Tom plays chess")], 200).unwrap();
+    store
+        .apply_at(
+            vec![
+                MemoryOp::Update {
+                    id: 1,
+                    text: "Maya lives in Porto".into(),
+                    event_time: Some("9 June 2023".into()),
+                    embedding: embed("Porto"),
+                },
+                MemoryOp::Delete { id: 2 },
+                add("Maya has a dog"),
+            ],
+            300,
+        )
+        .unwrap();
+    let before_last = [(1, "Maya lives in Lisbon".to_string()), (2, "Maya has a cat".into()), (3, "Tom plays chess".into())];
+
+    let undone = store.undo_at(400).unwrap().unwrap();
+    assert_eq!(undone.reverted.iter().map(|entry| entry.seq).collect::<Vec<_>>(), [4, 5, 6]);
+    assert_eq!(
+        undone.applied.iter().map(|a| (a.id, a.kind)).collect::<Vec<_>>(),
+        [(1, OpKind::Update), (2, OpKind::Restore), (4, OpKind::Delete)]
+    );
+    assert_eq!(texts(&store), before_last);
+    let lisbon = store.get(1).unwrap();
+    assert_eq!((lisbon.event_time.as_deref(), lisbon.embedding.clone()), (Some("8 May 2023"), embed("Maya lives in Lisbon")));
+    // The restored memory is the same memory, not a copy.
+    let cat = store.get(2).unwrap();
+    assert_eq!((cat.created, cat.embedding.clone()), (100, embed("Maya has a cat")));
+    store.verify().unwrap();
+    let found = store.search(&SearchQuery { text: "cat".into(), top_k: 1, ..SearchQuery::default() }).unwrap();
+    assert_eq!(found[0].memory.id, 2);
+    drop(store);
+
+    // The undo is in the log: reopening keeps it, and the next undo goes one batch back.
+    let mut store = MemoryStore::open(dir.path(), DIM).unwrap();
+    assert_eq!(texts(&store), before_last);
+    store.undo_at(500).unwrap().unwrap();
+    assert_eq!(texts(&store), [(1, "Maya lives in Lisbon".to_string()), (2, "Maya has a cat".into())]);
+    store.undo_at(600).unwrap().unwrap();
+    assert!(store.is_empty());
+    assert!(store.undo_at(700).unwrap().is_none());
+    store.verify().unwrap();
+
+    let history = store.history(None).unwrap();
+    assert_eq!(history.len(), 6 + 3 + 1 + 2);
+    assert_eq!(history[0].change, Change::Added { text: "Maya lives in Lisbon".into() });
+    assert_eq!(history[6].undo_of, Some(6));
+    let of_one: Vec<Change> = store.history(Some(1)).unwrap().into_iter().map(|entry| entry.change).collect();
+    assert_eq!(
+        of_one,
+        [
+            Change::Added { text: "Maya lives in Lisbon".into() },
+            Change::Updated { old_text: "Maya lives in Lisbon".into(), new_text: "Maya lives in Porto".into() },
+            Change::Updated { old_text: "Maya lives in Porto".into(), new_text: "Maya lives in Lisbon".into() },
+            Change::Deleted { old_text: "Maya lives in Lisbon".into() },
+        ]
+    );
+}
+
+#[test]
+fn imported_memories_keep_their_creation_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MemoryStore::open(dir.path(), DIM).unwrap();
+    let mut op = add("old memory");
+    if let MemoryOp::Add { created, .. } = &mut op {
+        *created = Some(1_000);
+    }
+    store.apply_at(vec![op], 5_000).unwrap();
+    let memory = store.get(1).unwrap();
+    assert_eq!((memory.created, memory.updated), (1_000, 1_000));
+}
+
+#[test]
 fn update_keeps_or_replaces_event_time_and_stamps_updated() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = MemoryStore::open(dir.path(), DIM).unwrap();
@@ -166,6 +250,7 @@ fn invalid_batch_changes_nothing() {
             source: MemorySource::default(),
             image: None,
             embedding: vec![1.0; 3],
+            created: None,
         }],
         vec![MemoryOp::Update { id: 2, text: "nan".into(), event_time: None, embedding: vec![f32::NAN; DIM] }],
         vec![MemoryOp::Update { id: 2, text: "zero".into(), event_time: None, embedding: vec![0.0; DIM] }],
@@ -628,6 +713,7 @@ fn search_latency() {
                         source: MemorySource::default(),
                         image: None,
                         embedding: random_unit(&mut rng),
+                        created: None,
                     }
                 })
                 .collect();

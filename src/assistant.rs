@@ -1,0 +1,348 @@
+//! The assistant: the chat model, the embedder, the memory store and the memory
+//! pipeline, owned together. Every front end drives memory through it, so that a
+//! one-shot command, batch mode and the app's worker share one code path.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::engine::{ChatMessage, ChatModel, Embedder, EngineError, Role, SamplingParams};
+use crate::memory::pipeline::{
+    Answer, Completion, Exchange, LanguageModel, MemoryPipeline, Operation, PipelineError, TextEmbedder, Turn, TurnReport,
+};
+use crate::memory::prompts::RenderedPrompt;
+use crate::memory::{Applied, MemoryError, MemoryFilter, MemoryId, MemoryOp, MemoryStore, OpKind, SearchHit, SearchQuery};
+use crate::transcript::{self, Conversation, SessionRange};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssistantError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("the memory store holds {store}-dimensional embeddings but the embedder makes {embedder}-dimensional ones")]
+    DimensionMismatch { store: usize, embedder: usize },
+    #[error("no memory with id {0}")]
+    NoSuchMemory(MemoryId),
+}
+
+/// The active adapters (slot name, scale) of each operation.
+pub type OperationAdapters = BTreeMap<Operation, Vec<(String, f32)>>;
+
+/// Embeds with the engine's sentence embedder.
+pub struct EngineEmbedder<'a>(pub &'a Embedder);
+
+impl TextEmbedder for EngineEmbedder<'_> {
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, PipelineError> {
+        self.0.embed(texts).map_err(|error| PipelineError::Embedder(error.to_string()))
+    }
+}
+
+/// The chat model with each operation bound to its adapters.
+struct EngineModel<'a> {
+    chat: &'a mut ChatModel,
+    adapters: &'a OperationAdapters,
+    sampling: &'a SamplingParams,
+    /// Replaces the generation prompt's system message.
+    system: Option<&'a str>,
+}
+
+impl LanguageModel for EngineModel<'_> {
+    fn complete(
+        &mut self,
+        operation: Operation,
+        prompt: &RenderedPrompt,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Completion, PipelineError> {
+        let sampling = match operation {
+            Operation::Generate => SamplingParams { max_tokens: prompt.max_tokens.unwrap_or(self.sampling.max_tokens), ..*self.sampling },
+            // Memory decisions are read by a parser, not a person: greedy, and no repeat
+            // penalty, which would push the model off JSON's necessarily repeated quotes.
+            Operation::Extract | Operation::Update => SamplingParams {
+                max_tokens: prompt.max_tokens.unwrap_or(self.sampling.max_tokens),
+                temperature: 0.0,
+                repeat_penalty: 1.0,
+                ..*self.sampling
+            },
+        };
+        let adapters = self.adapters.get(&operation).map_or(&[][..], Vec::as_slice);
+        let mut messages = std::borrow::Cow::Borrowed(&prompt.messages);
+        if let (Operation::Generate, Some(system)) = (operation, self.system) {
+            let messages = messages.to_mut();
+            messages.retain(|message| message.role != Role::System);
+            messages.insert(0, ChatMessage::new(Role::System, system));
+        }
+        let generation =
+            self.chat.continue_answer(&messages, &prompt.response_prefix, &sampling, adapters, on_text).map_err(|error| match error {
+                EngineError::PromptTooLong { .. } => PipelineError::TooLong { operation, message: error.to_string() },
+                _ => PipelineError::Model { operation, message: error.to_string() },
+            })?;
+        Ok(Completion {
+            text: generation.text.clone(),
+            prompt_tokens: generation.prompt_tokens,
+            completion_tokens: generation.completion_tokens,
+            stats: Some(generation),
+        })
+    }
+}
+
+/// An answer and, unless the caller said not to remember, what the exchange changed.
+#[derive(Debug, Clone)]
+pub struct AskOutcome {
+    pub answer: Answer,
+    pub remembered: Option<TurnReport>,
+}
+
+/// Progress of an ingest, reported after each exchange.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestProgress<'a> {
+    pub conversation: &'a str,
+    pub session: u32,
+    /// Turns of all selected conversations done so far, this exchange's included.
+    pub turns_done: usize,
+    pub turns_total: usize,
+    pub report: &'a TurnReport,
+}
+
+/// The totals of an ingest.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestSummary {
+    pub conversations: usize,
+    pub sessions: usize,
+    pub turns: usize,
+    pub exchanges: usize,
+    pub facts: usize,
+    pub added: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
+    /// Facts added because the update output for them was unusable.
+    pub undecided: usize,
+    pub skipped: usize,
+    pub model_calls: usize,
+    pub seconds: f64,
+    pub memories: usize,
+}
+
+impl IngestSummary {
+    fn count(&mut self, report: &TurnReport) {
+        self.exchanges += 1;
+        self.facts += report.facts.len();
+        self.unchanged += report.unchanged;
+        self.undecided += report.undecided;
+        self.skipped += report.skipped.len();
+        self.model_calls += report.model_calls;
+        for change in &report.changes {
+            match change.kind {
+                OpKind::Add | OpKind::Restore => self.added += 1,
+                OpKind::Update => self.updated += 1,
+                OpKind::Delete => self.deleted += 1,
+            }
+        }
+    }
+}
+
+pub struct Assistant {
+    chat: ChatModel,
+    embedder: Embedder,
+    store: MemoryStore,
+    pipeline: MemoryPipeline,
+    adapters: OperationAdapters,
+    sampling: SamplingParams,
+    user_name: String,
+    system: Option<String>,
+}
+
+impl Assistant {
+    pub fn new(
+        chat: ChatModel,
+        embedder: Embedder,
+        store: MemoryStore,
+        pipeline: MemoryPipeline,
+        adapters: OperationAdapters,
+        sampling: SamplingParams,
+        user_name: String,
+    ) -> Result<Assistant, AssistantError> {
+        if store.dimension() != embedder.dimension() {
+            return Err(AssistantError::DimensionMismatch { store: store.dimension(), embedder: embedder.dimension() });
+        }
+        Ok(Assistant { chat, embedder, store, pipeline, adapters, sampling, user_name, system: None })
+    }
+
+    pub fn chat_model(&self) -> &ChatModel {
+        &self.chat
+    }
+
+    pub fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+
+    pub fn adapters(&self) -> &OperationAdapters {
+        &self.adapters
+    }
+
+    /// A system message for answers instead of the generation prompt's.
+    pub fn set_system(&mut self, system: Option<String>) {
+        self.system = system;
+    }
+
+    /// Answers `question` with recalled memories, streaming to `on_text`; then, when
+    /// `remember`, extracts and applies what the user said. Only the user's words are
+    /// remembered: a small model's answer is not a trustworthy source of facts.
+    pub fn ask(
+        &mut self,
+        question: &str,
+        remember: bool,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<AskOutcome, AssistantError> {
+        let mut model =
+            EngineModel { chat: &mut self.chat, adapters: &self.adapters, sampling: &self.sampling, system: self.system.as_deref() };
+        let answer = self.pipeline.answer(question, &self.store, &mut model, &mut EngineEmbedder(&self.embedder), on_text)?;
+        let remembered = if remember {
+            let now = crate::memory::now();
+            let exchange = Exchange {
+                turns: vec![Turn { id: None, speaker: self.user_name.clone(), text: question.to_owned() }],
+                date: Some(transcript::format_date(now)),
+                time: Some(now),
+                conversation: None,
+                session: None,
+            };
+            Some(self.remember(&exchange)?)
+        } else {
+            None
+        };
+        Ok(AskOutcome { answer, remembered })
+    }
+
+    /// Runs extraction and update on `exchange` and applies the result.
+    pub fn remember(&mut self, exchange: &Exchange) -> Result<TurnReport, AssistantError> {
+        let mut model =
+            EngineModel { chat: &mut self.chat, adapters: &self.adapters, sampling: &self.sampling, system: self.system.as_deref() };
+        Ok(self.pipeline.remember(exchange, &mut self.store, &mut model, &mut EngineEmbedder(&self.embedder))?)
+    }
+
+    /// Feeds `conversations` through the pipeline session by session, in order, `window`
+    /// turns per extraction, calling `progress` after each exchange.
+    pub fn ingest(
+        &mut self,
+        conversations: &[Conversation],
+        sessions: Option<&SessionRange>,
+        window: usize,
+        progress: &mut dyn FnMut(IngestProgress<'_>),
+    ) -> Result<IngestSummary, AssistantError> {
+        let started = Instant::now();
+        let window = window.max(1);
+        let mut summary = IngestSummary { conversations: conversations.len(), ..IngestSummary::default() };
+        fn selected<'c>(
+            conversation: &'c Conversation,
+            sessions: Option<&'c SessionRange>,
+        ) -> impl Iterator<Item = &'c transcript::Session> {
+            conversation.sessions.iter().filter(move |s| sessions.is_none_or(|range| range.contains(s.number)))
+        }
+        let turns_total: usize = conversations.iter().flat_map(|c| selected(c, sessions)).map(|s| s.turns.len()).sum();
+        let mut turns_done = 0;
+        for conversation in conversations {
+            for session in selected(conversation, sessions) {
+                summary.sessions += 1;
+                for chunk in session.turns.chunks(window) {
+                    let exchange = Exchange {
+                        turns: chunk
+                            .iter()
+                            .map(|t| Turn { id: Some(t.id.clone()), speaker: t.speaker.clone(), text: turn_text(t) })
+                            .collect(),
+                        date: session.date.clone().or_else(|| session.date_time.clone()),
+                        time: session.timestamp,
+                        conversation: Some(conversation.id.clone()),
+                        session: Some(format!("session_{}", session.number)),
+                    };
+                    let report = self.remember(&exchange)?;
+                    turns_done += chunk.len();
+                    summary.turns += chunk.len();
+                    summary.count(&report);
+                    progress(IngestProgress {
+                        conversation: &conversation.id,
+                        session: session.number,
+                        turns_done,
+                        turns_total,
+                        report: &report,
+                    });
+                }
+            }
+        }
+        summary.seconds = started.elapsed().as_secs_f64();
+        summary.memories = self.store.len();
+        Ok(summary)
+    }
+
+    /// Hybrid search for `text` (keywords and meaning).
+    pub fn search(&self, text: &str, top_k: usize, filter: MemoryFilter) -> Result<Vec<SearchHit>, AssistantError> {
+        search(&self.store, &self.embedder, text, top_k, filter)
+    }
+}
+
+/// What the model reads of a turn: its text, and the caption of an image shared with it.
+fn turn_text(turn: &transcript::Turn) -> String {
+    match &turn.image_caption {
+        Some(caption) => format!("{} [shares {caption}]", turn.text),
+        None => turn.text.clone(),
+    }
+}
+
+/// Hybrid search, for callers that hold a store and an embedder but no chat model.
+pub fn search(
+    store: &MemoryStore,
+    embedder: &Embedder,
+    text: &str,
+    top_k: usize,
+    filter: MemoryFilter,
+) -> Result<Vec<SearchHit>, AssistantError> {
+    let embedding = EngineEmbedder(embedder).embed(&[text])?.pop();
+    Ok(store.search(&SearchQuery { text: text.to_owned(), embedding, top_k, filter })?)
+}
+
+/// Adds `text` as a memory, as the user wrote it.
+pub fn add_memory(store: &mut MemoryStore, embedder: &Embedder, text: &str, subject: Option<String>) -> Result<Applied, AssistantError> {
+    let embedding = one_embedding(embedder, text)?;
+    let now = crate::memory::now();
+    let op = MemoryOp::Add {
+        text: text.trim().to_owned(),
+        subject,
+        event_time: Some(transcript::format_date(now)),
+        source: Default::default(),
+        image: None,
+        embedding,
+        created: None,
+    };
+    first(store.apply_at(vec![op], now))
+}
+
+/// Replaces the text of memory `id`.
+pub fn edit_memory(store: &mut MemoryStore, embedder: &Embedder, id: MemoryId, text: &str) -> Result<Applied, AssistantError> {
+    if store.get(id).is_none() {
+        return Err(AssistantError::NoSuchMemory(id));
+    }
+    let embedding = one_embedding(embedder, text)?;
+    first(store.apply(vec![MemoryOp::Update { id, text: text.trim().to_owned(), event_time: None, embedding }]))
+}
+
+pub fn forget_memory(store: &mut MemoryStore, id: MemoryId) -> Result<Applied, AssistantError> {
+    if store.get(id).is_none() {
+        return Err(AssistantError::NoSuchMemory(id));
+    }
+    first(store.apply(vec![MemoryOp::Delete { id }]))
+}
+
+fn one_embedding(embedder: &Embedder, text: &str) -> Result<Vec<f32>, AssistantError> {
+    let mut embeddings = EngineEmbedder(embedder).embed(&[text])?;
+    embeddings.pop().ok_or_else(|| PipelineError::Embedder("no embedding returned".into()).into())
+}
+
+/// The acknowledgement of a one-op batch.
+fn first(result: Result<Vec<Applied>, MemoryError>) -> Result<Applied, AssistantError> {
+    crate::memory::saved(result)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| MemoryError::InvalidOp { index: 0, reason: "nothing was applied".into() }.into())
+}

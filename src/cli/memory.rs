@@ -1,0 +1,262 @@
+//! `memlora memory …`: look at and change the long-term memories directly.
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use memlora::assistant;
+use memlora::memory::transfer::{self, MemoryRecord};
+use memlora::memory::{Change, HistoryEntry, Memory, MemoryFilter, MemoryId, MemoryOp};
+use memlora::transcript::format_date;
+use serde_json::json;
+
+use super::Env;
+
+#[derive(clap::Subcommand)]
+pub enum MemoryCommand {
+    /// Remember TEXT as it is written.
+    Add {
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+        /// Who the memory is about.
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every memory, oldest first.
+    List {
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Memories matching QUERY by keywords and meaning, with their scores.
+    Search {
+        #[arg(required = true, num_args = 1..)]
+        query: Vec<String>,
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One memory with its history.
+    Show {
+        id: MemoryId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the text of a memory.
+    Edit {
+        id: MemoryId,
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Delete a memory (`memory undo` brings it back).
+    Forget { id: MemoryId },
+    /// Every change to the memories (or to memory ID), oldest first.
+    History {
+        id: Option<MemoryId>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revert the last change (an added memory, or everything one exchange changed);
+    /// repeat to go further back.
+    Undo {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write every memory to stdout (or --out FILE).
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Add the memories of a JSON Lines export: all of them, or none if a line is bad.
+    Import { file: PathBuf },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Markdown,
+}
+
+pub fn run(env: &Env, command: MemoryCommand) -> anyhow::Result<()> {
+    let (embedder, mut store) = env.open_memory()?;
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        MemoryCommand::Add { text, subject, json } => {
+            let applied = assistant::add_memory(&mut store, &embedder, &text.join(" "), subject)?;
+            if json {
+                println!("{}", json!({"applied": applied, "memory": store.get(applied.id).map(|m| record(&m))}));
+            } else {
+                println!("remembered #{}", applied.id);
+            }
+        }
+        MemoryCommand::List { subject, json } => {
+            let memories = store.list(&MemoryFilter { subject, ..MemoryFilter::default() });
+            if json {
+                let records: Vec<_> = memories.iter().map(record).collect();
+                println!("{}", serde_json::to_string(&records)?);
+            } else if memories.is_empty() {
+                println!("no memories yet");
+            } else {
+                for memory in &memories {
+                    writeln!(stdout, "{}", line(memory))?;
+                }
+            }
+        }
+        MemoryCommand::Search { query, top_k, subject, json } => {
+            let hits = assistant::search(&store, &embedder, &query.join(" "), top_k, MemoryFilter { subject, ..MemoryFilter::default() })?;
+            if json {
+                let hits: Vec<_> = hits
+                    .iter()
+                    .map(|hit| json!({"score": hit.score, "bm25_rank": hit.bm25_rank, "vector_rank": hit.vector_rank, "memory": record(&hit.memory)}))
+                    .collect();
+                println!("{}", serde_json::to_string(&hits)?);
+            } else if hits.is_empty() {
+                println!("no memories match");
+            } else {
+                for hit in &hits {
+                    writeln!(stdout, "{:.4}  {}", hit.score, line(&hit.memory))?;
+                }
+            }
+        }
+        MemoryCommand::Show { id, json } => {
+            let memory = store.get(id).with_context(|| format!("no memory with id {id}"))?;
+            let history = store.history(Some(id))?;
+            if json {
+                println!("{}", json!({"memory": record(&memory), "history": history}));
+            } else {
+                writeln!(stdout, "#{}  {}", memory.id, memory.text)?;
+                writeln!(stdout, "subject: {}", memory.subject.as_deref().unwrap_or("-"))?;
+                writeln!(stdout, "event time: {}", memory.event_time.as_deref().unwrap_or("-"))?;
+                writeln!(stdout, "created: {}   updated: {}", format_date(memory.created), format_date(memory.updated))?;
+                let source = &memory.source;
+                if source.conversation.is_some() || source.session.is_some() || !source.turns.is_empty() {
+                    let turns = source.turns.join(", ");
+                    writeln!(
+                        stdout,
+                        "source: {} {} {turns}",
+                        source.conversation.as_deref().unwrap_or(""),
+                        source.session.as_deref().unwrap_or("")
+                    )?;
+                }
+                writeln!(stdout, "history:")?;
+                for entry in &history {
+                    writeln!(stdout, "  {}", history_line(entry))?;
+                }
+            }
+        }
+        MemoryCommand::Edit { id, text } => {
+            assistant::edit_memory(&mut store, &embedder, id, &text.join(" "))?;
+            println!("updated #{id}");
+        }
+        MemoryCommand::Forget { id } => {
+            assistant::forget_memory(&mut store, id)?;
+            println!("forgot #{id} (`memlora memory undo` brings it back)");
+        }
+        MemoryCommand::History { id, json } => {
+            let history = store.history(id)?;
+            if json {
+                println!("{}", serde_json::to_string(&history)?);
+            } else if history.is_empty() {
+                println!("no changes yet");
+            } else {
+                for entry in &history {
+                    writeln!(stdout, "{}", history_line(entry))?;
+                }
+            }
+        }
+        MemoryCommand::Undo { json } => match store.undo()? {
+            None if json => println!("{}", json!({"undone": null})),
+            None => println!("nothing to undo"),
+            Some(undone) if json => println!("{}", json!({"undone": undone.reverted, "applied": undone.applied})),
+            Some(undone) => {
+                writeln!(stdout, "undid {} change(s):", undone.reverted.len())?;
+                for entry in &undone.reverted {
+                    writeln!(stdout, "  {}", history_line(entry))?;
+                }
+            }
+        },
+        MemoryCommand::Export { format, out } => {
+            let memories = store.list(&MemoryFilter::default());
+            let mut sink: Box<dyn Write> = match &out {
+                Some(path) => Box::new(private_file(path)?),
+                None => Box::new(stdout),
+            };
+            match format {
+                ExportFormat::Jsonl => transfer::write_jsonl(&memories, &mut sink)?,
+                ExportFormat::Markdown => transfer::write_markdown(&memories, &mut sink)?,
+            }
+            sink.flush()?;
+            if let Some(path) = out {
+                eprintln!("memlora: exported {} memories to {}", memories.len(), path.display());
+            }
+        }
+        MemoryCommand::Import { file } => {
+            let name = file.display().to_string();
+            let reader = File::open(&file).with_context(|| format!("cannot open {name}"))?;
+            let records = transfer::read_jsonl(&mut BufReader::new(reader), &name)?;
+            let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
+            let embeddings = embedder.embed(&texts)?;
+            let ops = records
+                .into_iter()
+                .zip(embeddings)
+                .map(|(r, embedding)| MemoryOp::Add {
+                    text: r.text,
+                    subject: r.subject,
+                    event_time: r.event_time,
+                    source: r.source,
+                    image: r.image,
+                    embedding,
+                    created: r.created,
+                })
+                .collect();
+            let applied = memlora::memory::saved(store.apply(ops))?;
+            println!("imported {} memories from {name}", applied.len());
+        }
+    }
+    Ok(())
+}
+
+/// A memory as JSON output shows it: everything but the embedding.
+fn record(memory: &Memory) -> MemoryRecord {
+    MemoryRecord::from(memory)
+}
+
+fn line(memory: &Memory) -> String {
+    let when = memory.event_time.clone().unwrap_or_else(|| format_date(memory.created));
+    match &memory.subject {
+        Some(subject) => format!("#{:<5} {when:<17} {subject}: {}", memory.id, memory.text),
+        None => format!("#{:<5} {when:<17} {}", memory.id, memory.text),
+    }
+}
+
+fn history_line(entry: &HistoryEntry) -> String {
+    let change = match &entry.change {
+        Change::Added { text } => format!("added    #{}: {text}", entry.id),
+        Change::Updated { old_text, new_text } => format!("updated  #{}: {old_text} -> {new_text}", entry.id),
+        Change::Deleted { old_text } => format!("deleted  #{}: {old_text}", entry.id),
+        Change::Restored { text } => format!("restored #{}: {text}", entry.id),
+    };
+    let undo = entry.undo_of.map(|seq| format!("  (undo of {seq})")).unwrap_or_default();
+    format!("{:>6}  {}  {change}{undo}", entry.seq, format_date(entry.time))
+}
+
+/// Exports are private data too.
+fn private_file(path: &std::path::Path) -> anyhow::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
