@@ -13,7 +13,7 @@ use crate::memory::pipeline::{
     Answer, Completion, Exchange, LanguageModel, MemoryPipeline, Operation, PipelineError, TextEmbedder, Turn, TurnReport,
 };
 use crate::memory::prompts::RenderedPrompt;
-use crate::memory::{Applied, MemoryError, MemoryFilter, MemoryId, MemoryOp, MemoryStore, OpKind, SearchHit, SearchQuery};
+use crate::memory::{Applied, MemoryError, MemoryFilter, MemoryId, MemoryOp, MemoryStore, OpKind, SearchHit, SearchQuery, Undone};
 use crate::transcript::{self, Conversation, SessionRange};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +124,8 @@ pub struct IngestSummary {
     pub model_calls: usize,
     pub seconds: f64,
     pub memories: usize,
+    /// Stopped before the end at the caller's request.
+    pub cancelled: bool,
 }
 
 impl IngestSummary {
@@ -153,6 +155,7 @@ pub struct Assistant {
     sampling: SamplingParams,
     user_name: String,
     system: Option<String>,
+    extract_window: usize,
 }
 
 impl Assistant {
@@ -168,7 +171,7 @@ impl Assistant {
         if store.dimension() != embedder.dimension() {
             return Err(AssistantError::DimensionMismatch { store: store.dimension(), embedder: embedder.dimension() });
         }
-        Ok(Assistant { chat, embedder, store, pipeline, adapters, sampling, user_name, system: None })
+        Ok(Assistant { chat, embedder, store, pipeline, adapters, sampling, user_name, system: None, extract_window: 2 })
     }
 
     pub fn chat_model(&self) -> &ChatModel {
@@ -189,31 +192,37 @@ impl Assistant {
     }
 
     /// Answers `question` with recalled memories, streaming to `on_text`; then, when
-    /// `remember`, extracts and applies what the user said. Only the user's words are
-    /// remembered: a small model's answer is not a trustworthy source of facts.
+    /// `remember`, extracts and applies what the user said.
     pub fn ask(
         &mut self,
         question: &str,
         remember: bool,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<AskOutcome, AssistantError> {
+        let answer = self.answer(question, on_text)?;
+        let remembered = if remember { Some(self.remember_user_words(question)?) } else { None };
+        Ok(AskOutcome { answer, remembered })
+    }
+
+    /// Answers `question` with recalled memories, streaming to `on_text`.
+    pub fn answer(&mut self, question: &str, on_text: &mut dyn FnMut(&str) -> ControlFlow<()>) -> Result<Answer, AssistantError> {
         let mut model =
             EngineModel { chat: &mut self.chat, adapters: &self.adapters, sampling: &self.sampling, system: self.system.as_deref() };
-        let answer = self.pipeline.answer(question, &self.store, &mut model, &mut EngineEmbedder(&self.embedder), on_text)?;
-        let remembered = if remember {
-            let now = crate::memory::now();
-            let exchange = Exchange {
-                turns: vec![Turn { id: None, speaker: self.user_name.clone(), text: question.to_owned() }],
-                date: Some(transcript::format_date(now)),
-                time: Some(now),
-                conversation: None,
-                session: None,
-            };
-            Some(self.remember(&exchange)?)
-        } else {
-            None
+        Ok(self.pipeline.answer(question, &self.store, &mut model, &mut EngineEmbedder(&self.embedder), on_text)?)
+    }
+
+    /// Remembers what the user said, dated today. Only the user's words are remembered:
+    /// a small model's answer is not a trustworthy source of facts.
+    pub fn remember_user_words(&mut self, text: &str) -> Result<TurnReport, AssistantError> {
+        let now = crate::memory::now();
+        let exchange = Exchange {
+            turns: vec![Turn { id: None, speaker: self.user_name.clone(), text: text.to_owned() }],
+            date: Some(transcript::format_date(now)),
+            time: Some(now),
+            conversation: None,
+            session: None,
         };
-        Ok(AskOutcome { answer, remembered })
+        self.remember(&exchange)
     }
 
     /// Runs extraction and update on `exchange` and applies the result.
@@ -224,13 +233,14 @@ impl Assistant {
     }
 
     /// Feeds `conversations` through the pipeline session by session, in order, `window`
-    /// turns per extraction, calling `progress` after each exchange.
+    /// turns per extraction, calling `progress` after each exchange; `progress` returning
+    /// `Break` stops after that exchange (everything before it is durable).
     pub fn ingest(
         &mut self,
         conversations: &[Conversation],
         sessions: Option<&SessionRange>,
         window: usize,
-        progress: &mut dyn FnMut(IngestProgress<'_>),
+        progress: &mut dyn FnMut(IngestProgress<'_>) -> ControlFlow<()>,
     ) -> Result<IngestSummary, AssistantError> {
         let started = Instant::now();
         let window = window.max(1);
@@ -243,7 +253,7 @@ impl Assistant {
         }
         let turns_total: usize = conversations.iter().flat_map(|c| selected(c, sessions)).map(|s| s.turns.len()).sum();
         let mut turns_done = 0;
-        for conversation in conversations {
+        'conversations: for conversation in conversations {
             for session in selected(conversation, sessions) {
                 summary.sessions += 1;
                 for chunk in session.turns.chunks(window) {
@@ -261,13 +271,17 @@ impl Assistant {
                     turns_done += chunk.len();
                     summary.turns += chunk.len();
                     summary.count(&report);
-                    progress(IngestProgress {
+                    let step = IngestProgress {
                         conversation: &conversation.id,
                         session: session.number,
                         turns_done,
                         turns_total,
                         report: &report,
-                    });
+                    };
+                    if progress(step).is_break() {
+                        summary.cancelled = true;
+                        break 'conversations;
+                    }
                 }
             }
         }
@@ -279,6 +293,31 @@ impl Assistant {
     /// Hybrid search for `text` (keywords and meaning).
     pub fn search(&self, text: &str, top_k: usize, filter: MemoryFilter) -> Result<Vec<SearchHit>, AssistantError> {
         search(&self.store, &self.embedder, text, top_k, filter)
+    }
+
+    pub fn add_memory(&mut self, text: &str, subject: Option<String>) -> Result<Applied, AssistantError> {
+        add_memory(&mut self.store, &self.embedder, text, subject)
+    }
+
+    pub fn edit_memory(&mut self, id: MemoryId, text: &str) -> Result<Applied, AssistantError> {
+        edit_memory(&mut self.store, &self.embedder, id, text)
+    }
+
+    pub fn forget_memory(&mut self, id: MemoryId) -> Result<Applied, AssistantError> {
+        forget_memory(&mut self.store, id)
+    }
+
+    pub fn undo(&mut self) -> Result<Option<Undone>, AssistantError> {
+        Ok(self.store.undo()?)
+    }
+
+    /// Turns per extraction when ingesting.
+    pub fn extract_window(&self) -> usize {
+        self.extract_window
+    }
+
+    pub fn set_extract_window(&mut self, turns: usize) {
+        self.extract_window = turns.max(1);
     }
 }
 

@@ -10,3 +10,4 @@ pub mod memory;
 pub mod models;
 pub mod transcript;
 mod vector;
+pub mod worker;

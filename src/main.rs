@@ -27,6 +27,9 @@ enum Command {
     Ask(cli::ask::AskArgs),
     /// Measure load time, prefill and decode speed, time to first token and peak memory.
     Bench(cli::bench::BenchArgs),
+    /// Serve JSON Lines requests from stdin (ask, remember, search, forget, edit, undo,
+    /// memories, ingest, adapters, status); one response line each on stdout.
+    Batch(cli::batch::BatchArgs),
     /// Feed a conversation (LoCoMo JSON or "Speaker: text" lines) through the memory pipeline.
     Ingest(cli::ingest::IngestArgs),
     /// Look at and change the long-term memories.
@@ -40,7 +43,7 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line: the chain of causes, outermost first. (Some library
             // errors append a backtrace on later lines.)
@@ -51,14 +54,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args) -> anyhow::Result<ExitCode> {
     let env = cli::Env::new(args.data_dir, args.models_dir)?;
     match args.command {
-        Some(Command::Ask(a)) => cli::ask::run(&env, a),
-        Some(Command::Bench(a)) => cli::bench::run(&env, a),
-        Some(Command::Ingest(a)) => cli::ingest::run(&env, a),
-        Some(Command::Memory(c)) => cli::memory::run(&env, c),
-        Some(Command::Models(c)) => cli::models::run(&env, c),
+        Some(Command::Ask(a)) => cli::ask::run(&env, a)?,
+        // Failed requests were answered on stdout; the status says whether there were any.
+        Some(Command::Batch(a)) => return Ok(if cli::batch::run(&env, a)? { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+        Some(Command::Bench(a)) => cli::bench::run(&env, a)?,
+        Some(Command::Ingest(a)) => cli::ingest::run(&env, a)?,
+        Some(Command::Memory(c)) => cli::memory::run(&env, c)?,
+        Some(Command::Models(c)) => cli::models::run(&env, c)?,
         None => anyhow::bail!("the interactive app is not built yet; try `memlora ask \"…\"` or `memlora --help`"),
     }
+    Ok(ExitCode::SUCCESS)
 }

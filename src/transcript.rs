@@ -6,7 +6,7 @@
 //! message about an anonymous map, and so that the quirks of the real data (numeric answers,
 //! evidence given as one string or a list, dated sessions without turns) need no special types.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -102,7 +102,7 @@ pub struct QaItem {
     pub adversarial_answer: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TranscriptFormat {
     Locomo,

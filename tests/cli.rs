@@ -233,6 +233,9 @@ fn memory_commands_add_search_edit_forget_undo_and_show_history() {
     assert!(human.lines().next().unwrap().contains("#2") && human.contains("quarterly revenue grew"), "{human}");
     let filtered = json_of(d, &["memory", "list", "--json", "--subject", "maya"]);
     assert_eq!(filtered.as_array().unwrap().len(), 1);
+    // Both were created today.
+    assert_eq!(json_of(d, &["memory", "list", "--json", "--until", "1 January 2020"]), serde_json::json!([]));
+    assert_eq!(json_of(d, &["memory", "search", "--json", "--from", "2020-01-01", "revenue"])[0]["memory"]["id"], 2);
 
     assert!(memlora(d, &["memory", "edit", "2", "the report grew"]).status.success());
     assert!(memlora(d, &["memory", "forget", "1"]).status.success());
@@ -316,4 +319,65 @@ fn a_second_process_on_the_same_data_dir_is_refused_naming_the_holder() {
     assert_one_line_error(&memlora(d, &["memory", "list"]), &["in use", "pid 4242"]);
     drop(lock);
     assert!(memlora(d, &["memory", "list"]).status.success());
+}
+
+#[test]
+fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = TinyModel::random(TinySpec::llama(), 24).write_gguf(&d.join("tiny.gguf"), GgmlDType::Q8_0);
+    let embedder = d.join("tiny-bert");
+    common::write_tiny_bert(&embedder);
+    let input = [
+        r#"{"id": 1, "type": "remember", "text": "the cat sat on the mat", "subject": "Maya"}"#,
+        r#"{"id": "two", "type": "search", "query": "cat"}"#,
+        "this is not json",
+        r#"{"id": 3, "type": "fly"}"#,
+        "",
+        r#"{"id": 4, "type": "ask", "text": "the cat", "stream": true, "remember": false}"#,
+        // A field the request does not have.
+        r#"{"id": 5, "type": "forget", "memory": 1}"#,
+        r#"{"id": 6, "type": "forget", "memory_id": 1}"#,
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memlora"))
+        .arg("--data-dir")
+        .arg(d)
+        .arg("--models-dir")
+        .arg(d.join("models-cache"))
+        .args(["batch", "--model", model.to_str().unwrap()])
+        .env("MEMLORA_EMBEDDER", &embedder)
+        .env("MEMLORA_GENERATION__MAX_TOKENS", "6")
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all((input.join("\n") + "\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(!text.contains('\u{1b}'), "no terminal escapes in batch output");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(out.status.code(), Some(1), "a request failed, so the exit status says so; stderr: {}", stderr(&out));
+
+    assert_eq!((lines[0]["id"].clone(), lines[0]["ok"].clone()), (serde_json::json!(1), serde_json::json!(true)));
+    assert_eq!(lines[0]["changes"][0]["kind"], "add");
+    assert_eq!(lines[1]["id"], "two");
+    assert_eq!(lines[1]["hits"][0]["memory"]["text"], "the cat sat on the mat");
+    assert_eq!((lines[2]["line"].clone(), lines[2]["ok"].clone()), (serde_json::json!(3), serde_json::json!(false)));
+    assert!(lines[2]["error"].as_str().unwrap().starts_with("line 3: not JSON"), "{}", lines[2]);
+    assert!(lines[3]["error"].as_str().unwrap().contains("unknown variant `fly`"), "{}", lines[3]);
+    // The blank line 5 is skipped; the streamed ask sends its tokens, then its response.
+    let tokens: Vec<&serde_json::Value> = lines.iter().filter(|l| l["event"] == "token").collect();
+    assert!(!tokens.is_empty() && tokens.iter().all(|t| t["id"] == 4));
+    let answer = lines.iter().find(|l| l["id"] == 4 && l["event"].is_null()).unwrap();
+    assert_eq!(answer["ok"], true);
+    let streamed: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(answer["text"].as_str().unwrap(), streamed);
+    let rest: Vec<&serde_json::Value> = lines.iter().skip_while(|l| l["id"] != 4 || !l["event"].is_null()).skip(1).collect();
+    assert!(rest[0]["error"].as_str().unwrap().starts_with("line 7: invalid request: unknown field `memory`"), "{}", rest[0]);
+    assert_eq!(rest[0]["id"], 5);
+    assert_eq!((rest[1]["id"].clone(), rest[1]["ok"].clone()), (serde_json::json!(6), serde_json::json!(true)));
+    assert_eq!(rest[1]["changes"][0]["kind"], "delete");
 }

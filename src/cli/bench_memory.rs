@@ -44,10 +44,11 @@ pub fn memory(env: &Env, model: Option<&str>, args: &MemoryBenchArgs, as_json: b
     let model = model.map_or_else(|| env.config.model.clone(), str::to_owned);
     let mut assistant = env.open_assistant_in(scratch.path(), &model, &[], env.sampling())?;
     let mut seconds = Vec::new();
-    let window = env.config.memory.extract_window;
+    let window = assistant.extract_window();
     let summary = assistant.ingest(&conversations, args.sessions.as_ref(), window, &mut |progress| {
         seconds.push(progress.report.seconds);
         eprint!("\r{} session {}: {}/{} turns", progress.conversation, progress.session, progress.turns_done, progress.turns_total);
+        std::ops::ControlFlow::Continue(())
     })?;
     eprintln!();
     seconds.sort_by(f64::total_cmp);

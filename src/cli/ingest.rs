@@ -62,6 +62,9 @@ pub fn run(env: &Env, args: IngestArgs) -> anyhow::Result<()> {
 
     let model = args.model.clone().unwrap_or_else(|| env.config.model.clone());
     let mut assistant = env.open_assistant(&model, &[], env.sampling())?;
+    if let Some(window) = args.window {
+        assistant.set_extract_window(window);
+    }
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(total_turns as u64) };
     bar.set_style(
         ProgressStyle::with_template("{msg:24!} {bar:30} {pos:>5}/{len:<5} turns {elapsed_precise} eta {eta}")
@@ -69,20 +72,27 @@ pub fn run(env: &Env, args: IngestArgs) -> anyhow::Result<()> {
     );
     let mut stdout = std::io::stdout().lock();
     let mut write_failed = None;
-    let summary = assistant.ingest(&conversations, sessions, args.window.unwrap_or(env.config.memory.extract_window), &mut |progress| {
+    let window = assistant.extract_window();
+    let summary = assistant.ingest(&conversations, sessions, window, &mut |progress| {
         bar.set_message(format!("{} session {}", progress.conversation, progress.session));
         bar.set_position(progress.turns_done as u64);
-        if args.json && write_failed.is_none() {
+        if args.json {
             // Each line is printed after its changes are durable: a reader may count them
             // as acknowledged.
             let line = json!({"conversation": progress.conversation, "session": progress.session, "turns_done": progress.turns_done, "report": progress.report});
             if let Err(error) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+                // Nobody reads the acknowledgements any more: stop after this exchange.
                 write_failed = Some(error);
+                return std::ops::ControlFlow::Break(());
             }
         }
+        std::ops::ControlFlow::Continue(())
     });
     bar.finish_and_clear();
     let summary = summary?;
+    if let Some(error) = write_failed {
+        anyhow::bail!("stopped after {} turns: cannot write to stdout: {error}", summary.turns);
+    }
     if args.json {
         writeln!(stdout, "{}", json!({ "summary": summary }))?;
         return Ok(());

@@ -8,7 +8,7 @@ use anyhow::Context;
 use memlora::assistant;
 use memlora::memory::transfer::{self, MemoryRecord};
 use memlora::memory::{Change, HistoryEntry, Memory, MemoryFilter, MemoryId, MemoryOp};
-use memlora::transcript::format_date;
+use memlora::transcript::{format_date, parse_date_time};
 use serde_json::json;
 
 use super::Env;
@@ -27,8 +27,8 @@ pub enum MemoryCommand {
     },
     /// Every memory, oldest first.
     List {
-        #[arg(long)]
-        subject: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
         #[arg(long)]
         json: bool,
     },
@@ -38,8 +38,8 @@ pub enum MemoryCommand {
         query: Vec<String>,
         #[arg(long, default_value_t = 10)]
         top_k: usize,
-        #[arg(long)]
-        subject: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
         #[arg(long)]
         json: bool,
     },
@@ -80,6 +80,35 @@ pub enum MemoryCommand {
     Import { file: PathBuf },
 }
 
+/// Which memories a listing or search considers.
+#[derive(clap::Args)]
+pub struct FilterArgs {
+    /// Only memories about WHO (case-insensitive).
+    #[arg(long, value_name = "WHO")]
+    subject: Option<String>,
+    /// Only memories created on or after DATE ("8 May 2023", "2023-05-08", …).
+    #[arg(long, value_name = "DATE", value_parser = parse_day_start)]
+    from: Option<i64>,
+    /// Only memories created on or before DATE (the whole day).
+    #[arg(long, value_name = "DATE", value_parser = parse_day_end)]
+    until: Option<i64>,
+}
+
+impl FilterArgs {
+    fn filter(self) -> MemoryFilter {
+        MemoryFilter { subject: self.subject, from: self.from, until: self.until, ..MemoryFilter::default() }
+    }
+}
+
+fn parse_day_start(text: &str) -> Result<i64, String> {
+    parse_date_time(text).map(|(_, seconds)| seconds).ok_or_else(|| format!("not a date: {text:?} (try \"8 May 2023\" or 2023-05-08)"))
+}
+
+/// The last second of the day `text` names, so that `--until 8 May 2023` includes that day.
+fn parse_day_end(text: &str) -> Result<i64, String> {
+    parse_day_start(text).map(|start| start - start.rem_euclid(86_400) + 86_399)
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ExportFormat {
     Jsonl,
@@ -98,8 +127,8 @@ pub fn run(env: &Env, command: MemoryCommand) -> anyhow::Result<()> {
                 println!("remembered #{}", applied.id);
             }
         }
-        MemoryCommand::List { subject, json } => {
-            let memories = store.list(&MemoryFilter { subject, ..MemoryFilter::default() });
+        MemoryCommand::List { filter, json } => {
+            let memories = store.list(&filter.filter());
             if json {
                 let records: Vec<_> = memories.iter().map(record).collect();
                 println!("{}", serde_json::to_string(&records)?);
@@ -111,8 +140,8 @@ pub fn run(env: &Env, command: MemoryCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        MemoryCommand::Search { query, top_k, subject, json } => {
-            let hits = assistant::search(&store, &embedder, &query.join(" "), top_k, MemoryFilter { subject, ..MemoryFilter::default() })?;
+        MemoryCommand::Search { query, top_k, filter, json } => {
+            let hits = assistant::search(&store, &embedder, &query.join(" "), top_k, filter.filter())?;
             if json {
                 let hits: Vec<_> = hits
                     .iter()

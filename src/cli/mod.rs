@@ -2,6 +2,7 @@
 //! catalog and cache, and loading a chat model with its adapters.
 
 pub mod ask;
+pub mod batch;
 pub mod bench;
 pub mod bench_memory;
 pub mod ingest;
@@ -174,7 +175,10 @@ impl Env {
             update_candidates: memory.update_candidates,
             undecided_facts: memory.undecided_facts,
         };
-        Ok(Assistant::new(chat, embedder, store, MemoryPipeline::new(prompts, settings), adapters, sampling, memory.user_name.clone())?)
+        let mut assistant =
+            Assistant::new(chat, embedder, store, MemoryPipeline::new(prompts, settings), adapters, sampling, memory.user_name.clone())?;
+        assistant.set_extract_window(memory.extract_window);
+        Ok(assistant)
     }
 
     /// The config's sampling settings.

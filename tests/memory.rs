@@ -1,0 +1,182 @@
+//! The memory pipeline end to end through the real binary and the real default models
+//! (SmolLM2-135M-Instruct and all-MiniLM-L6-v2). Without the models these tests skip,
+//! unless the test script requires them (MEMLORA_REQUIRE_REAL_MODELS=1).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use memlora::memory::{MemoryFilter, MemoryStore, SearchQuery, INDEX_DIR, MEMORY_DIR};
+use memlora::models::{Catalog, ModelCache};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo-conversation.json");
+/// all-MiniLM-L6-v2.
+const DIMENSION: usize = 384;
+
+/// The model cache holding both real models, or `None` (the test skips) when they are
+/// absent and not required.
+fn real_models() -> Option<PathBuf> {
+    let dir = common::real_models_dir()?;
+    let catalog = Catalog::builtin().expect("builtin manifests parse");
+    let cache = ModelCache::new(dir.clone());
+    let present =
+        ["smollm2-135m-instruct", "all-minilm-l6-v2"].iter().all(|name| catalog.get(name).and_then(|m| cache.resolve(m)).is_some());
+    if !present {
+        assert!(!common::require_real_models(), "the real models are required but not in {}; run scripts/test", dir.display());
+        eprintln!("skipping: the real models are not in {}", dir.display());
+        return None;
+    }
+    Some(dir)
+}
+
+fn memlora_command(data_dir: &Path, models: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_memlora"));
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--models-dir")
+        .arg(models)
+        .args(args)
+        .env_remove("MEMLORA_DATA_DIR")
+        .env_remove("MEMLORA_MODELS_DIR")
+        .env("HF_HUB_OFFLINE", "1");
+    command
+}
+
+fn run_json(data_dir: &Path, models: &Path, args: &[&str]) -> Value {
+    let out: Output = memlora_command(data_dir, models, args).output().expect("run memlora");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn texts(values: &Value) -> Vec<String> {
+    values.as_array().unwrap().iter().map(|v| v["text"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn ask_remembers_what_the_user_says_and_answers_from_it_later() {
+    let Some(models) = real_models() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let told = run_json(d, &models, &["ask", "--json", "My sister Alice lives in Lisbon and works as a nurse."]);
+    let changes = &told["remembered"]["changes"];
+    assert!(texts(changes).iter().any(|text| text.contains("Lisbon")), "nothing about Lisbon remembered: {told}");
+    assert!(changes.as_array().unwrap().iter().all(|change| change["kind"] == "add"), "{told}");
+
+    let asked = run_json(d, &models, &["ask", "--json", "--no-remember", "Where does my sister Alice live?"]);
+    assert!(texts(&asked["memories_used"]).iter().any(|text| text.contains("Lisbon")), "{asked}");
+    assert!(asked["text"].as_str().unwrap().contains("Lisbon"), "the answer ignores the memory: {asked}");
+    assert!(asked["remembered"].is_null());
+
+    // What `memory list` shows is what was acknowledged.
+    let listed = run_json(d, &models, &["memory", "list", "--json"]);
+    assert_eq!(texts(&listed), texts(changes));
+}
+
+#[test]
+fn ingest_feeds_a_conversation_session_by_session_with_its_dates() {
+    let Some(models) = real_models() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = memlora_command(d, &models, &["ingest", DEMO, "--sessions", "1-2", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let (summary, exchanges) = lines.split_last().unwrap();
+    let summary = &summary["summary"];
+    assert_eq!((summary["sessions"].as_u64(), summary["turns"].as_u64()), (Some(2), Some(16)), "{summary}");
+    assert_eq!(exchanges.len() as u64, summary["exchanges"].as_u64().unwrap());
+    assert!(summary["facts"].as_u64().unwrap() > 0 && summary["memories"].as_u64().unwrap() > 0, "{summary}");
+    let sessions: Vec<u64> = exchanges.iter().map(|e| e["session"].as_u64().unwrap()).collect();
+    assert!(sessions.windows(2).all(|pair| pair[0] <= pair[1]), "sessions in order: {sessions:?}");
+
+    let memories = run_json(d, &models, &["memory", "list", "--json"]);
+    for memory in memories.as_array().unwrap() {
+        assert_eq!(memory["source"]["conversation"], "demo-maya-tom");
+        // Session 1 took place on 14 March 2023 and session 2 later: memories carry the
+        // date of the conversation, not of the ingest.
+        let event_time = memory["event_time"].as_str().unwrap();
+        assert!(event_time.ends_with("2023"), "{memory}");
+        assert!(memory["created"].as_i64().unwrap() < 1_700_000_000, "{memory}");
+    }
+}
+
+/// Runs an ingest and kills it with SIGKILL after `delay`; returns the exchanges it
+/// acknowledged (printed) before dying.
+fn ingest_until_killed(data_dir: &Path, models: &Path, delay: Duration) -> Vec<Value> {
+    let mut child =
+        memlora_command(data_dir, models, &["ingest", DEMO, "--json"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(delay);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap()
+}
+
+#[test]
+fn ingest_killed_at_random_points_keeps_every_acknowledged_change() {
+    let Some(models) = real_models() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut acknowledged = Vec::new();
+    for _ in 0..4 {
+        let delay = Duration::from_millis(rng.random_range(1_500..7_000));
+        for exchange in ingest_until_killed(d, &models, delay) {
+            if let Some(changes) = exchange["report"]["changes"].as_array() {
+                acknowledged.extend(changes.iter().cloned());
+            }
+        }
+        // Reopening recovers from whatever the kill interrupted.
+        let store = MemoryStore::open(d, DIMENSION).unwrap();
+        store.verify().unwrap();
+        let history = store.history(None).unwrap();
+        for change in &acknowledged {
+            let seq = change["seq"].as_u64().unwrap();
+            let entry = history.iter().find(|entry| entry.seq == seq).unwrap_or_else(|| panic!("acknowledged change lost: {change}"));
+            assert_eq!(entry.id, change["id"].as_u64().unwrap(), "{change}");
+            let logged = serde_json::to_value(entry).unwrap();
+            assert_eq!(
+                logged["change"],
+                match change["kind"].as_str().unwrap() {
+                    "add" => "added",
+                    "update" => "updated",
+                    "delete" => "deleted",
+                    other => panic!("unexpected kind {other}"),
+                }
+            );
+        }
+    }
+    assert!(!acknowledged.is_empty(), "no run lived long enough to acknowledge a change; the delays are too short");
+
+    // The index equals one rebuilt from the log: same answers to the same searches.
+    let queries = ["Maya marathon", "Tom dog", "chemistry teacher", "running"];
+    let search_all = |store: &MemoryStore| -> Vec<Vec<u64>> {
+        queries
+            .iter()
+            .map(|q| {
+                let hits = store.search(&SearchQuery { text: (*q).into(), top_k: 10, ..SearchQuery::default() }).unwrap();
+                hits.iter().map(|hit| hit.memory.id).collect()
+            })
+            .collect()
+    };
+    let store = MemoryStore::open(d, DIMENSION).unwrap();
+    let (before, listed) = (search_all(&store), store.list(&MemoryFilter::default()));
+    drop(store);
+    std::fs::remove_dir_all(d.join(MEMORY_DIR).join(INDEX_DIR)).unwrap();
+    let rebuilt = MemoryStore::open(d, DIMENSION).unwrap();
+    rebuilt.verify().unwrap();
+    assert_eq!((search_all(&rebuilt), rebuilt.list(&MemoryFilter::default())), (before, listed));
+}
