@@ -22,6 +22,14 @@ pub struct Config {
     pub engine: EngineConfig,
     pub generation: GenerationConfig,
     pub memory: MemoryConfig,
+    pub adapters: AdaptersConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdaptersConfig {
+    pub max_slots: usize,
+    pub merge_threshold: f32,
+    pub merge_rank: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -23,6 +23,9 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Installed LoRA adapters: list, import, export, bind to operations, merge.
+    #[command(subcommand)]
+    Adapters(cli::adapters::AdaptersCommand),
     /// Answer one question with the memories it recalls (streamed), then remember what was said.
     Ask(cli::ask::AskArgs),
     /// Measure load time, prefill and decode speed, time to first token and peak memory.
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let env = cli::Env::new(args.data_dir, args.models_dir)?;
     match args.command {
+        Some(Command::Adapters(c)) => cli::adapters::run(&env, c)?,
         Some(Command::Ask(a)) => cli::ask::run(&env, a)?,
         // Failed requests were answered on stdout; the status says whether there were any.
         Some(Command::Batch(a)) => return Ok(if cli::batch::run(&env, a)? { ExitCode::SUCCESS } else { ExitCode::FAILURE }),

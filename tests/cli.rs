@@ -14,6 +14,11 @@ use memlora::engine::{ChatModel, LoadOptions, TargetModule};
 /// Runs memlora on `data_dir` with a tiny random sentence embedder, so that commands
 /// with memory run without the real models.
 fn memlora(data_dir: &Path, args: &[&str]) -> Output {
+    memlora_with(data_dir, &[], args)
+}
+
+/// [`memlora`] with extra environment variables.
+fn memlora_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let embedder = data_dir.join("tiny-bert");
     if !embedder.exists() {
         common::write_tiny_bert(&embedder);
@@ -29,6 +34,7 @@ fn memlora(data_dir: &Path, args: &[&str]) -> Output {
         .env_remove("MEMLORA_MODELS_DIR")
         // No hub here and none wanted in tests: fail fast, never hang.
         .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().copied())
         .output()
         .expect("run memlora")
 }
@@ -380,4 +386,68 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
     assert_eq!(rest[0]["id"], 5);
     assert_eq!((rest[1]["id"].clone(), rest[1]["ok"].clone()), (serde_json::json!(6), serde_json::json!(true)));
     assert_eq!(rest[1]["changes"][0]["kind"], "delete");
+}
+
+#[test]
+fn adapters_are_installed_bound_merged_under_the_budget_and_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = TinyModel::random(TinySpec::llama(), 25).write_gguf(&d.join("tiny.gguf"), GgmlDType::Q8_0);
+    let config = ChatModel::load(&model, &LoadOptions::default()).unwrap().decoder_config().clone();
+    let make = |name: &str, seed: u64| {
+        let path = d.join("incoming").join(name);
+        LoraAdapter::random(&config, 4, 8.0, &[TargetModule::Q, TargetModule::V], 0.5, seed).unwrap().save(&path).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (style, tone) = (make("style", 1), make("tone", 2));
+    let imported = json_of(d, &["adapters", "import", "--json", "--op", "generate", &style]);
+    assert_eq!(
+        (imported["placement"].clone(), imported["adapter"]["name"].clone()),
+        (serde_json::json!("installed"), serde_json::json!("style"))
+    );
+    assert!(memlora(d, &["adapters", "import", "--name", "tone", &tone]).status.success());
+    let listed = json_of(d, &["adapters", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect::<Vec<_>>(), ["style", "tone"]);
+    assert_eq!(listed[0]["rank"], 4);
+    assert_eq!(listed[0]["info"]["operation"], "generate");
+
+    // A bound adapter serves its operation in every later request.
+    assert!(memlora(d, &["adapters", "bind", "generate", "style"]).status.success());
+    let model = model.to_str().unwrap();
+    let answer = json_of(d, &["ask", "--json", "--no-remember", "--model", model, "--max-tokens", "4", "the cat"]);
+    assert_eq!(answer["adapters"]["generate"][0][0], "style");
+    assert!(stdout(&memlora(d, &["adapters", "show", "style"])).contains("serves       generate"));
+
+    let merged = json_of(d, &["adapters", "merge", "--json", "--rank", "8", "--into", "both", "style=0.5", "tone=0.5"]);
+    assert!(merged["reconstruction_error"].as_f64().unwrap() < 1e-4, "rank 8 holds two rank-4 adapters exactly: {merged}");
+    assert_eq!(json_of(d, &["adapters", "show", "--json", "both"])["adapter"]["info"]["merged_from"], serde_json::json!(["style", "tone"]));
+    let report = json_of(d, &["adapters", "share-report", "--json", "--rank", "4", "--clusters", "2,1", "style", "tone"]);
+    assert!(
+        report["rows"][0]["max_error"].as_f64().unwrap() < 1e-4
+            && report["rows"][1]["storage_bytes"].as_u64() < report["rows"][0]["storage_bytes"].as_u64()
+    );
+
+    // With a budget of three slots, a fourth adapter is merged into the most similar one.
+    let extra = make("extra", 3);
+    let out = memlora_with(d, &[("MEMLORA_ADAPTERS__MAX_SLOTS", "3")], &["adapters", "import", "--json", &extra]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let admission: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(admission["placement"], "merged", "{admission}");
+    assert_eq!(json_of(d, &["adapters", "list", "--json"]).as_array().unwrap().len(), 3);
+
+    let exported = d.join("out");
+    assert!(memlora(d, &["adapters", "export", "tone", exported.to_str().unwrap()]).status.success());
+    assert!(LoraAdapter::load(&exported).is_ok());
+    assert!(stdout(&memlora(d, &["adapters", "remove", "style"])).contains("generate now run(s) on the base model"));
+
+    // Bad input: NaN weights, unknown names.
+    let nan = d.join("incoming").join("nan");
+    let mut poisoned = LoraAdapter::random(&config, 4, 8.0, &[TargetModule::Q], 0.5, 4).unwrap();
+    for pair in poisoned.modules.values_mut() {
+        pair.a = (pair.a.clone() * f64::NAN).unwrap();
+    }
+    poisoned.save(&nan).unwrap();
+    assert_one_line_error(&memlora(d, &["adapters", "import", nan.to_str().unwrap()]), &["NaN"]);
+    assert_one_line_error(&memlora(d, &["adapters", "show", "nope"]), &["no adapter named 'nope'"]);
+    assert_one_line_error(&memlora(d, &["adapters", "bind", "extract", "nope"]), &["no adapter named 'nope'"]);
 }

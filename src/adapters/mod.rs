@@ -1,9 +1,12 @@
-//! LoRA adapters as files: the PEFT format. (Registry, budget, merging and
-//! training build on this.)
+//! LoRA adapters as files: the PEFT format, and the registry of installed adapters with
+//! their operation bindings. (Budget, merging and training build on this.)
 
+pub mod merge;
 pub mod peft;
+pub mod registry;
 
 pub use peft::{LoraAdapter, LoraPair, ModuleKey, PeftConfig, TargetModules};
+pub use registry::{AdapterInfo, AdapterRegistry, Admission, Budget, InstalledAdapter};
 
 use std::path::PathBuf;
 
@@ -13,4 +16,6 @@ pub enum AdapterError {
     Invalid { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error(transparent)]
+    Merge(#[from] merge::MergeError),
 }

@@ -230,6 +230,7 @@ impl LoraAdapter {
             return Err(bad(&weights_path, "no LoRA tensors".into()));
         }
         let adapter = Self { config, modules };
+        adapter.check_finite(&weights_path)?;
         if let TargetModules::List(names) = &adapter.config.target_modules {
             for module in adapter.modules_present() {
                 if !names.iter().any(|n| n == module.hf_name()) {
@@ -238,6 +239,25 @@ impl LoraAdapter {
             }
         }
         Ok(adapter)
+    }
+
+    /// A NaN or infinite weight would poison every answer the adapter touches.
+    pub fn check_finite(&self, path: &Path) -> Result<(), AdapterError> {
+        for (key, pair) in &self.modules {
+            for (factor, tensor) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
+                let values = tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| AdapterError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("{}.{factor}: {e}", key.peft_prefix()),
+                })?;
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err(AdapterError::Invalid {
+                        path: path.to_owned(),
+                        message: format!("{}.{factor} has NaN or infinite weights", key.peft_prefix()),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the adapter as a PEFT directory, atomically: into a temporary

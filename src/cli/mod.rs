@@ -1,6 +1,7 @@
 //! Command implementations and what they share: paths, config, the model
 //! catalog and cache, and loading a chat model with its adapters.
 
+pub mod adapters;
 pub mod ask;
 pub mod batch;
 pub mod bench;
@@ -12,7 +13,7 @@ pub mod models;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use memlora::adapters::LoraAdapter;
+use memlora::adapters::{AdapterRegistry, Budget, LoraAdapter};
 use memlora::assistant::{Assistant, OperationAdapters};
 use memlora::config::{Config, Paths};
 use memlora::engine::{ChatModel, Embedder, LoadOptions, SamplingParams, WeightFormat};
@@ -144,13 +145,19 @@ impl Env {
     ) -> anyhow::Result<Assistant> {
         // The store is opened first: a data dir locked by another process fails before a
         // model loads.
-        let bound = &self.config.memory.adapters;
-        let mut specs: std::collections::BTreeMap<Operation, Vec<String>> = std::collections::BTreeMap::new();
-        for (operation, name) in
-            [(Operation::Extract, &bound.extract), (Operation::Update, &bound.update), (Operation::Generate, &bound.generate)]
-        {
+        // `adapters bind` records bindings in the registry; names in the config win.
+        let mut bound = AdapterRegistry::open(&self.paths.data_dir)?.bindings()?;
+        let configured = &self.config.memory.adapters;
+        for (operation, name) in [("extract", &configured.extract), ("update", &configured.update), ("generate", &configured.generate)] {
             if !name.is_empty() {
-                specs.insert(operation, vec![name.clone()]);
+                bound.insert(operation.to_owned(), name.clone());
+            }
+        }
+        let mut specs: std::collections::BTreeMap<Operation, Vec<String>> = std::collections::BTreeMap::new();
+        for (operation, name) in bound {
+            // Bindings for operations this build does not run yet (vision) wait for it.
+            if let Ok(operation) = operation.parse::<Operation>() {
+                specs.insert(operation, vec![name]);
             }
         }
         if !generate_adapters.is_empty() {
@@ -179,6 +186,12 @@ impl Env {
             Assistant::new(chat, embedder, store, MemoryPipeline::new(prompts, settings), adapters, sampling, memory.user_name.clone())?;
         assistant.set_extract_window(memory.extract_window);
         Ok(assistant)
+    }
+
+    /// The adapter storage budget of the config.
+    pub fn budget(&self) -> Budget {
+        let a = &self.config.adapters;
+        Budget { max_slots: a.max_slots, threshold: (a.merge_threshold > 0.0).then_some(a.merge_threshold), rank: a.merge_rank.max(1) }
     }
 
     /// The config's sampling settings.

@@ -1,0 +1,275 @@
+//! `memlora adapters …`: the installed LoRA adapters, their operation bindings, the
+//! storage budget and data-free merging.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use memlora::adapters::merge::{self, Merged};
+use memlora::adapters::{AdapterInfo, AdapterRegistry, Admission, InstalledAdapter, LoraAdapter};
+use serde_json::json;
+
+use super::Env;
+
+#[derive(clap::Subcommand)]
+pub enum AdaptersCommand {
+    /// Installed adapters: base model, rank, targets, size, operation, what they merge.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One adapter in detail, with the operations it serves.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install a PEFT adapter (a directory, or its adapter_model.safetensors); beyond the
+    /// storage budget it is merged into the most similar installed adapter.
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// The operation it is made for (extract, update, generate, vision, …).
+        #[arg(long)]
+        op: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an adapter as a plain PEFT directory.
+    Export {
+        name: String,
+        dir: PathBuf,
+    },
+    /// Uninstall an adapter (and unbind it).
+    Remove {
+        name: String,
+    },
+    /// Make NAME serve OPERATION (extract, update, generate).
+    Bind {
+        operation: String,
+        name: String,
+    },
+    Unbind {
+        operation: String,
+    },
+    /// Merge installed adapters into a new one (data-free, in ΔW space, re-factorised to --rank).
+    Merge {
+        /// Adapters to merge, NAME or NAME=WEIGHT.
+        #[arg(required = true, num_args = 1..)]
+        adapters: Vec<String>,
+        #[arg(long)]
+        into: String,
+        #[arg(long, value_enum, default_value_t = Method::Linear)]
+        method: Method,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// TIES: fraction of each adapter's largest entries kept.
+        #[arg(long, default_value_t = 0.2)]
+        density: f32,
+        /// DARE: probability of dropping each entry.
+        #[arg(long, default_value_t = 0.9)]
+        drop: f32,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long)]
+        op: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Storage against fidelity of sharing low-rank factors between adapters (HydraOpt-style).
+    ShareReport {
+        #[arg(required = true, num_args = 1..)]
+        adapters: Vec<String>,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Numbers of clusters (shared factor sets) to try.
+        #[arg(long, value_delimiter = ',', default_value = "4,2,1")]
+        clusters: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Method {
+    Linear,
+    Ties,
+    Dare,
+}
+
+pub fn run(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
+    let registry = AdapterRegistry::open(&env.paths.data_dir)?;
+    match command {
+        AdaptersCommand::List { json } => {
+            let adapters = registry.list()?;
+            if json {
+                println!("{}", serde_json::to_string(&adapters)?);
+                return Ok(());
+            }
+            let bindings = registry.bindings()?;
+            if adapters.is_empty() {
+                println!("no adapters installed in {}", registry.dir().display());
+            }
+            println!("{:<24} {:>4} {:<40} {:>9} {:<10} {:<16} MERGED FROM", "NAME", "RANK", "TARGETS", "SIZE", "OPERATION", "SERVES");
+            for adapter in &adapters {
+                let serves: Vec<&str> = bindings.iter().filter(|(_, n)| **n == adapter.name).map(|(op, _)| op.as_str()).collect();
+                println!(
+                    "{:<24} {:>4} {:<40} {:>9} {:<10} {:<16} {}",
+                    adapter.name,
+                    adapter.rank,
+                    adapter.targets.join(","),
+                    format!("{:.1} MB", adapter.bytes as f64 / 1e6),
+                    adapter.info.operation.as_deref().unwrap_or("-"),
+                    if serves.is_empty() { "-".into() } else { serves.join(",") },
+                    adapter.info.merged_from.join(", ")
+                );
+            }
+            let budget = env.budget();
+            match budget.max_slots {
+                0 => println!("budget: no limit (adapters.max_slots = 0)"),
+                k => println!("budget: {} of {k} slots used", adapters.len()),
+            }
+        }
+        AdaptersCommand::Show { name, json } => {
+            let adapter = registry.get(&name)?;
+            let serves: Vec<String> = registry.bindings()?.into_iter().filter(|(_, n)| *n == name).map(|(op, _)| op).collect();
+            if json {
+                println!("{}", json!({"adapter": adapter, "serves": serves}));
+            } else {
+                print_adapter(&adapter, &serves);
+            }
+        }
+        AdaptersCommand::Import { path, name, op, json } => {
+            let admission = registry.import(&path, name.as_deref(), op.as_deref(), env.budget())?;
+            if json {
+                println!("{}", serde_json::to_string(&admission)?);
+            } else {
+                print_admission(&admission);
+            }
+        }
+        AdaptersCommand::Export { name, dir } => {
+            registry.export(&name, &dir)?;
+            println!("exported '{name}' to {} (PEFT format)", dir.display());
+        }
+        AdaptersCommand::Remove { name } => {
+            let unbound = registry.remove(&name)?;
+            println!("removed '{name}'");
+            if !unbound.is_empty() {
+                println!("{} now run(s) on the base model", unbound.join(", "));
+            }
+        }
+        AdaptersCommand::Bind { operation, name } => {
+            registry.bind(&operation, Some(&name))?;
+            println!("{operation} now runs with '{name}'");
+        }
+        AdaptersCommand::Unbind { operation } => {
+            registry.bind(&operation, None)?;
+            println!("{operation} now runs on the base model");
+        }
+        AdaptersCommand::Merge { adapters, into, method, rank, density, drop, seed, op, json } => {
+            let inputs = load_weighted(&registry, &adapters)?;
+            let weighted: Vec<(&LoraAdapter, f32)> = inputs.iter().map(|(_, adapter, weight)| (adapter, *weight)).collect();
+            let Merged { adapter, report } = match method {
+                Method::Linear => merge::linear(&weighted, rank)?,
+                Method::Ties => merge::ties(&weighted, density, rank)?,
+                Method::Dare => merge::dare(&weighted, drop, seed, rank)?,
+            };
+            let names: Vec<String> = inputs.iter().map(|(name, ..)| name.clone()).collect();
+            let recipe = match method {
+                Method::Linear => format!("linear r={rank}"),
+                Method::Ties => format!("ties density={density} r={rank}"),
+                Method::Dare => format!("dare drop={drop} seed={seed} r={rank}"),
+            };
+            let info = AdapterInfo {
+                operation: op,
+                source: Some(format!("merge: {recipe} of {}", adapters.join(" "))),
+                merged_from: names,
+                created: memlora::memory::now(),
+            };
+            let admission = registry.admit(&into, &adapter, &info, env.budget())?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"admission": admission, "reconstruction_error": report.overall, "max_module_error": report.max_module_error()})
+                );
+            } else {
+                // TIES and DARE make a full-rank ΔW; the error is measured against it.
+                println!(
+                    "merged {} → '{into}' ({recipe}); rank-{rank} reconstruction error of the merged ΔW: {:.2} % overall, {:.2} % worst module",
+                    adapters.join(" + "),
+                    100.0 * report.overall,
+                    100.0 * report.max_module_error()
+                );
+                print_admission(&admission);
+            }
+        }
+        AdaptersCommand::ShareReport { adapters, rank, clusters, json } => {
+            let inputs = load_weighted(&registry, &adapters)?;
+            let named: Vec<(&str, &LoraAdapter)> = inputs.iter().map(|(name, adapter, _)| (name.as_str(), adapter)).collect();
+            let rows = merge::report(&named, &clusters, rank)?;
+            if json {
+                let rows: Vec<_> = rows
+                    .iter()
+                    .map(|r| json!({"clusters": r.clusters, "storage_bytes": r.storage_bytes, "original_bytes": r.original_bytes, "mean_error": r.mean_error, "max_error": r.max_error}))
+                    .collect();
+                println!("{}", json!({"rank": rank, "rows": rows}));
+                return Ok(());
+            }
+            println!("{:>8} {:>14} {:>14} {:>12} {:>12}", "CLUSTERS", "STORAGE", "ORIGINAL", "MEAN ERROR", "MAX ERROR");
+            for row in rows {
+                println!(
+                    "{:>8} {:>11.2} MB {:>11.2} MB {:>11.3}% {:>11.3}%",
+                    row.clusters,
+                    row.storage_bytes as f64 / 1e6,
+                    row.original_bytes as f64 / 1e6,
+                    100.0 * row.mean_error,
+                    100.0 * row.max_error
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `NAME` or `NAME=WEIGHT` of installed adapters, loaded.
+fn load_weighted(registry: &AdapterRegistry, specs: &[String]) -> anyhow::Result<Vec<(String, LoraAdapter, f32)>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, weight) = match spec.rsplit_once('=') {
+                Some((name, weight)) => {
+                    (name, weight.parse::<f32>().with_context(|| format!("'{spec}': weight '{weight}' is not a number"))?)
+                }
+                None => (spec.as_str(), 1.0),
+            };
+            let installed = registry.get(name)?;
+            Ok((name.to_owned(), LoraAdapter::load(&installed.dir)?, weight))
+        })
+        .collect()
+}
+
+fn print_adapter(adapter: &InstalledAdapter, serves: &[String]) {
+    println!("{}", adapter.name);
+    println!("  base model   {}", adapter.base_model.as_deref().unwrap_or("-"));
+    println!("  rank         {} (alpha {})", adapter.rank, adapter.alpha);
+    println!("  targets      {}", adapter.targets.join(", "));
+    println!("  size         {:.2} MB", adapter.bytes as f64 / 1e6);
+    println!("  operation    {}", adapter.info.operation.as_deref().unwrap_or("-"));
+    println!("  serves       {}", if serves.is_empty() { "-".into() } else { serves.join(", ") });
+    println!("  source       {}", adapter.info.source.as_deref().unwrap_or("-"));
+    if !adapter.info.merged_from.is_empty() {
+        println!("  merged from  {}", adapter.info.merged_from.join(", "));
+    }
+    println!("  path         {}", adapter.dir.display());
+}
+
+fn print_admission(admission: &Admission) {
+    match admission {
+        Admission::Installed { adapter } => println!("installed '{}' (rank {}, {})", adapter.name, adapter.rank, adapter.targets.join(",")),
+        Admission::Merged { into, similarity, reconstruction_error, members } => println!(
+            "the adapter budget is full: merged into '{into}' (ΔW similarity {similarity:.2}, re-factorisation error {:.2} %); '{into}' now stands for {}",
+            100.0 * reconstruction_error,
+            members.join(", ")
+        ),
+    }
+}
