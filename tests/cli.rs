@@ -381,3 +381,20 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
     assert_eq!((rest[1]["id"].clone(), rest[1]["ok"].clone()), (serde_json::json!(6), serde_json::json!(true)));
     assert_eq!(rest[1]["changes"][0]["kind"], "delete");
 }
+
+#[test]
+fn the_app_without_a_terminal_says_so_and_names_the_alternatives() {
+    let dir = tempfile::tempdir().unwrap();
+    // stdin and stdout are pipes here.
+    let out = memlora(dir.path(), &[]);
+    assert_one_line_error(&out, &["needs a terminal", "memlora batch", "memlora ask"]);
+    assert!(out.stdout.is_empty());
+
+    // Broken app settings are named before anything else.
+    std::fs::write(dir.path().join("config.toml"), "[ui]\nkeymap = \"emacs\"\n").unwrap();
+    assert_one_line_error(&memlora(dir.path(), &[]), &["ui.keymap", "emacs"]);
+    std::fs::write(dir.path().join("config.toml"), "[ui]\nimages = \"ascii-art\"\n").unwrap();
+    assert_one_line_error(&memlora(dir.path(), &[]), &["ui.images", "ascii-art"]);
+    std::fs::write(dir.path().join("config.toml"), "[ui.keys.browse]\nx = \"launch\"\n").unwrap();
+    assert_one_line_error(&memlora(dir.path(), &[]), &["[ui.keys.browse] \"x\"", "unknown action 'launch'"]);
+}

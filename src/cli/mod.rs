@@ -1,6 +1,7 @@
 //! Command implementations and what they share: paths, config, the model
 //! catalog and cache, and loading a chat model with its adapters.
 
+pub mod app;
 pub mod ask;
 pub mod batch;
 pub mod bench;
