@@ -922,10 +922,11 @@ impl AppState {
         }
         self.remember_input(&trimmed);
         self.set_input("");
+        // Typing from a pane (an edit, a search, a command) ends there: its keys browse again.
+        if !self.settings.keymap.modal && self.focus != Pane::Chat {
+            self.typing = false;
+        }
         if let Some(id) = self.editing.take() {
-            if !self.settings.keymap.modal && self.focus != Pane::Chat {
-                self.typing = false;
-            }
             return vec![self.submit(Job::Edit(id), Request::Edit { memory_id: id, text: trimmed })];
         }
         if trimmed.starts_with('/') {

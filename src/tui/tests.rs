@@ -586,10 +586,13 @@ fn edit_and_forget_from_the_memories_pane() {
     assert!(state.editing.is_some());
     state.update(key(KeyCode::Esc));
     assert!(state.editing.is_none() && state.input_text().is_empty());
-    // `/` starts a search in the input.
+    // `/` starts a search in the input; once sent, the pane's keys browse again.
     state.update(key(KeyCode::Char('/')));
     assert_eq!(state.input_text(), "/search ");
     assert!(state.typing);
+    let effects = send(&mut state, "cat");
+    assert!(matches!(submitted(&effects).as_slice(), [(_, Request::Search { query, .. })] if query == "cat"));
+    assert!(!state.typing && state.focus == Pane::Memories);
 }
 
 #[test]
