@@ -1,6 +1,7 @@
 //! Layered configuration: the defaults embedded in the binary, then the user's
 //! `config.toml`, then `MEMLORA_*` environment variables.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -23,6 +24,7 @@ pub struct Config {
     pub generation: GenerationConfig,
     pub memory: MemoryConfig,
     pub adapters: AdaptersConfig,
+    pub ui: UiConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +59,31 @@ pub struct MemoryConfig {
     pub user_name: String,
     pub prompts: String,
     pub adapters: OperationAdapters,
+}
+
+/// The interactive app.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UiConfig {
+    /// "default" or "vim" (config/keymap-*.toml).
+    pub keymap: String,
+    /// "auto" | "kitty" | "sixel" | "iterm2" | "halfblocks" | "off".
+    pub images: String,
+    #[serde(default)]
+    pub keys: KeyOverrides,
+}
+
+/// Single keys bound over the keymap, per section: key string → action name ("none"
+/// removes the key). Keys directly under `[ui.keys]` bind in the global section.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct KeyOverrides {
+    #[serde(flatten)]
+    pub direct: BTreeMap<String, String>,
+    #[serde(default)]
+    pub global: BTreeMap<String, String>,
+    #[serde(default)]
+    pub input: BTreeMap<String, String>,
+    #[serde(default)]
+    pub browse: BTreeMap<String, String>,
 }
 
 /// Adapter names (or directories) per memory operation; empty = none.
@@ -155,6 +182,20 @@ mod tests {
         std::env::remove_var("MEMLORA_ENGINE__CONTEXT");
         assert_eq!(config.engine.context, 777);
         assert_eq!(config.generation.max_tokens, 7);
+
+        // Key strings keep their case (G is not g).
+        std::fs::write(
+            &file,
+            "[ui]\nkeymap = \"vim\"\n[ui.keys]\n\"ctrl-y\" = \"help\"\n[ui.keys.browse]\nG = \"top\"\n\"ctrl-x\" = \"quit\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&file).unwrap();
+        assert_eq!(config.ui.keymap, "vim");
+        assert_eq!(config.ui.images, "auto");
+        let keys: Vec<(&str, &str)> = config.ui.keys.browse.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(keys, [("G", "top"), ("ctrl-x", "quit")]);
+        assert_eq!(config.ui.keys.direct.get("ctrl-y").map(String::as_str), Some("help"));
+        assert!(config.ui.keys.global.is_empty());
 
         std::fs::write(&file, "[generation\nmax_tokens = ").unwrap();
         let err = Config::load(&file).unwrap_err().to_string();

@@ -2,6 +2,7 @@
 //! are printed as one line.
 
 mod cli;
+mod tui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,7 @@ struct Args {
     /// Model cache, shared by all profiles.
     #[arg(long, global = true, env = "MEMLORA_MODELS_DIR", value_name = "DIR")]
     models_dir: Option<PathBuf>,
+    /// Without a command: the interactive app.
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -68,7 +70,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Command::Ingest(a)) => cli::ingest::run(&env, a)?,
         Some(Command::Memory(c)) => cli::memory::run(&env, c)?,
         Some(Command::Models(c)) => cli::models::run(&env, c)?,
-        None => anyhow::bail!("the interactive app is not built yet; try `memlora ask \"…\"` or `memlora --help`"),
+        None => return cli::app::run(&env),
     }
     Ok(ExitCode::SUCCESS)
 }

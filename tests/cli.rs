@@ -451,3 +451,20 @@ fn adapters_are_installed_bound_merged_under_the_budget_and_exported() {
     assert_one_line_error(&memlora(d, &["adapters", "show", "nope"]), &["no adapter named 'nope'"]);
     assert_one_line_error(&memlora(d, &["adapters", "bind", "extract", "nope"]), &["no adapter named 'nope'"]);
 }
+
+#[test]
+fn the_app_without_a_terminal_says_so_and_names_the_alternatives() {
+    let dir = tempfile::tempdir().unwrap();
+    // stdin and stdout are pipes here.
+    let out = memlora(dir.path(), &[]);
+    assert_one_line_error(&out, &["needs a terminal", "memlora batch", "memlora ask"]);
+    assert!(out.stdout.is_empty());
+
+    // Broken app settings are named before anything else.
+    std::fs::write(dir.path().join("config.toml"), "[ui]\nkeymap = \"emacs\"\n").unwrap();
+    assert_one_line_error(&memlora(dir.path(), &[]), &["ui.keymap", "emacs"]);
+    std::fs::write(dir.path().join("config.toml"), "[ui]\nimages = \"ascii-art\"\n").unwrap();
+    assert_one_line_error(&memlora(dir.path(), &[]), &["ui.images", "ascii-art"]);
+    std::fs::write(dir.path().join("config.toml"), "[ui.keys.browse]\nx = \"launch\"\n").unwrap();
+    assert_one_line_error(&memlora(dir.path(), &[]), &["[ui.keys.browse] \"x\"", "unknown action 'launch'"]);
+}

@@ -2,6 +2,7 @@
 //! catalog and cache, and loading a chat model with its adapters.
 
 pub mod adapters;
+pub mod app;
 pub mod ask;
 pub mod batch;
 pub mod bench;
