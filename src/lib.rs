@@ -6,6 +6,7 @@ pub mod adapters;
 pub mod assistant;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod memory;
 pub mod models;
 pub mod transcript;
