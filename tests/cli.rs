@@ -335,12 +335,19 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
     let model = TinyModel::random(TinySpec::llama(), 24).write_gguf(&d.join("tiny.gguf"), GgmlDType::Q8_0);
     let embedder = d.join("tiny-bert");
     common::write_tiny_bert(&embedder);
+    let png = d.join("cat.png");
+    image::RgbImage::new(4, 3).save(&png).unwrap();
+    std::fs::write(d.join("broken.png"), b"not an image").unwrap();
+    let image_line = format!(r#"{{"id": "img", "type": "image", "path": "{}"}}"#, png.display());
+    let broken_line = format!(r#"{{"id": "bad-img", "type": "image", "path": "{}"}}"#, d.join("broken.png").display());
     let input = [
         r#"{"id": 1, "type": "remember", "text": "the cat sat on the mat", "subject": "Maya"}"#,
         r#"{"id": "two", "type": "search", "query": "cat"}"#,
         "this is not json",
         r#"{"id": 3, "type": "fly"}"#,
         "",
+        &broken_line,
+        &image_line,
         r#"{"id": 4, "type": "ask", "text": "the cat", "stream": true, "remember": false}"#,
         // A field the request does not have.
         r#"{"id": 5, "type": "forget", "memory": 1}"#,
@@ -374,15 +381,22 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
     assert_eq!((lines[2]["line"].clone(), lines[2]["ok"].clone()), (serde_json::json!(3), serde_json::json!(false)));
     assert!(lines[2]["error"].as_str().unwrap().starts_with("line 3: not JSON"), "{}", lines[2]);
     assert!(lines[3]["error"].as_str().unwrap().contains("unknown variant `fly`"), "{}", lines[3]);
-    // The blank line 5 is skipped; the streamed ask sends its tokens, then its response.
+    // The blank line 5 is skipped; a corrupt image is refused, a good one is attached to
+    // the next ask, which says it answered from the text (no vision model yet).
+    assert_eq!((lines[4]["id"].clone(), lines[4]["ok"].clone()), (serde_json::json!("bad-img"), serde_json::json!(false)));
+    assert!(lines[4]["error"].as_str().unwrap().contains("broken.png"), "{}", lines[4]);
+    assert_eq!((lines[5]["image"]["width"].clone(), lines[5]["image"]["height"].clone()), (serde_json::json!(4), serde_json::json!(3)));
+    // The streamed ask sends its tokens, then its response.
     let tokens: Vec<&serde_json::Value> = lines.iter().filter(|l| l["event"] == "token").collect();
     assert!(!tokens.is_empty() && tokens.iter().all(|t| t["id"] == 4));
     let answer = lines.iter().find(|l| l["id"] == 4 && l["event"].is_null()).unwrap();
     assert_eq!(answer["ok"], true);
+    assert_eq!(answer["image"]["path"], png.to_str().unwrap());
+    assert!(answer["vision"].as_str().unwrap().starts_with("unavailable"));
     let streamed: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
     assert_eq!(answer["text"].as_str().unwrap(), streamed);
     let rest: Vec<&serde_json::Value> = lines.iter().skip_while(|l| l["id"] != 4 || !l["event"].is_null()).skip(1).collect();
-    assert!(rest[0]["error"].as_str().unwrap().starts_with("line 7: invalid request: unknown field `memory`"), "{}", rest[0]);
+    assert!(rest[0]["error"].as_str().unwrap().starts_with("line 9: invalid request: unknown field `memory`"), "{}", rest[0]);
     assert_eq!(rest[0]["id"], 5);
     assert_eq!((rest[1]["id"].clone(), rest[1]["ok"].clone()), (serde_json::json!(6), serde_json::json!(true)));
     assert_eq!(rest[1]["changes"][0]["kind"], "delete");

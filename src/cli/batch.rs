@@ -6,6 +6,7 @@
 //! escape codes.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use memlora::worker::{self, Event, Request, WorkerHandle};
 use serde_json::{json, Map, Value};
@@ -41,6 +42,8 @@ async fn serve_stdin(handle: &WorkerHandle) -> anyhow::Result<bool> {
     let mut all_ok = true;
     let mut number = 0usize;
     let mut buffer = Vec::new();
+    // An image attached by an `image` line, for the next ask.
+    let mut attached: Option<Value> = None;
     loop {
         buffer.clear();
         let read = read_line_limited(&mut lines, &mut buffer).await?;
@@ -56,7 +59,16 @@ async fn serve_stdin(handle: &WorkerHandle) -> anyhow::Result<bool> {
             json!({"line": number, "ok": false, "error": format!("line {number}: longer than {MAX_LINE_BYTES} bytes")})
         } else {
             match parse_line(&text) {
-                Ok((id, stream, request)) => serve(handle, id, stream, request, &mut stdout).await?,
+                Ok((id, _, Line::Image(path))) => attach_image(id, &path, &mut attached),
+                Ok((id, stream, Line::Request(request))) => {
+                    let asks = matches!(request, Request::Ask { .. });
+                    let mut response = serve(handle, id, stream, request, &mut stdout).await?;
+                    if let (true, Some(image)) = (asks, attached.take()) {
+                        response["image"] = image;
+                        response["vision"] = json!("unavailable: the answer used the text only");
+                    }
+                    response
+                }
                 Err((id, reason)) => json!({"id": id, "line": number, "ok": false, "error": format!("line {number}: {reason}")}),
             }
         };
@@ -91,9 +103,15 @@ async fn read_line_limited(reader: &mut BufReader<tokio::io::Stdin>, out: &mut V
     }
 }
 
-/// `{"id": …, "type": "ask", "stream": true, …}` → (id, stream, request); an error
-/// carries the id when the line had one.
-fn parse_line(text: &str) -> Result<(Value, bool, Request), (Value, String)> {
+/// A request line: one for the worker, or an image to attach to the next ask.
+enum Line {
+    Request(Request),
+    Image(PathBuf),
+}
+
+/// `{"id": …, "type": "ask", "stream": true, …}` → (id, stream, line); an error carries
+/// the id when the line had one.
+fn parse_line(text: &str) -> Result<(Value, bool, Line), (Value, String)> {
     let value: Value = serde_json::from_str(text).map_err(|e| (Value::Null, format!("not JSON: {e}")))?;
     let Value::Object(mut object) = value else { return Err((Value::Null, "a request is a JSON object".into())) };
     let id = object.remove("id").unwrap_or(Value::Null);
@@ -102,9 +120,28 @@ fn parse_line(text: &str) -> Result<(Value, bool, Request), (Value, String)> {
         Some(Value::Bool(stream)) => stream,
         Some(other) => return Err((id, format!("\"stream\" must be true or false, not {other}"))),
     };
+    if object.get("type").and_then(Value::as_str) == Some("image") {
+        return match (object.get("path").and_then(Value::as_str), object.len()) {
+            (Some(path), 2) => Ok((id, stream, Line::Image(PathBuf::from(path)))),
+            _ => Err((id, "invalid request: an image request has exactly `type` and `path`".into())),
+        };
+    }
     match serde_json::from_value::<Request>(Value::Object(object)) {
-        Ok(request) => Ok((id, stream, request)),
+        Ok(request) => Ok((id, stream, Line::Request(request))),
         Err(e) => Err((id, format!("invalid request: {e}"))),
+    }
+}
+
+/// Checks that `path` is an image memlora can read and keeps it for the next ask. The
+/// vision model is not part of this build, so that answer reports that it used text only.
+fn attach_image(id: Value, path: &Path, attached: &mut Option<Value>) -> Value {
+    match crate::tui::image::decode(path) {
+        Ok(image) => {
+            let description = json!({"path": path, "width": image.width(), "height": image.height()});
+            *attached = Some(description.clone());
+            json!({"id": id, "type": "image", "ok": true, "image": description, "changes": []})
+        }
+        Err(message) => json!({"id": id, "type": "image", "ok": false, "error": message}),
     }
 }
 
