@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::engine::{ChatMessage, ChatModel, Embedder, EngineError, Role, SamplingParams};
 use crate::memory::pipeline::{
-    Answer, Completion, Exchange, LanguageModel, MemoryPipeline, Operation, PipelineError, TextEmbedder, Turn, TurnReport,
+    Answer, Completion, Exchange, LanguageModel, MemoryPipeline, Operation, PipelineError, TextEmbedder, Turn, TurnReport, UsedMemory,
 };
 use crate::memory::prompts::RenderedPrompt;
 use crate::memory::{Applied, MemoryError, MemoryFilter, MemoryId, MemoryOp, MemoryStore, OpKind, SearchHit, SearchQuery, Undone};
@@ -209,6 +209,52 @@ impl Assistant {
         let mut model =
             EngineModel { chat: &mut self.chat, adapters: &self.adapters, sampling: &self.sampling, system: self.system.as_deref() };
         Ok(self.pipeline.answer(question, &self.store, &mut model, &mut EngineEmbedder(&self.embedder), on_text)?)
+    }
+
+    /// Answers `question` with `context` in the prompt instead of recalled memories.
+    pub fn answer_with(
+        &mut self,
+        question: &str,
+        context: Vec<UsedMemory>,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Answer, AssistantError> {
+        let mut model =
+            EngineModel { chat: &mut self.chat, adapters: &self.adapters, sampling: &self.sampling, system: self.system.as_deref() };
+        Ok(self.pipeline.answer_with(question, context, &mut model, on_text)?)
+    }
+
+    /// The newest turns of `conversation` (each with its session's date) that fit in the
+    /// context with room for a question and the answer, oldest first.
+    pub fn full_context(&self, conversation: &Conversation) -> Result<Vec<UsedMemory>, AssistantError> {
+        // Room for the prompt's own text, the question and the answer.
+        let budget = self.chat.info().context.saturating_sub(self.sampling.max_tokens + 256);
+        let mut used = 0;
+        let mut lines = Vec::new();
+        for session in conversation.sessions.iter().rev() {
+            for turn in session.turns.iter().rev() {
+                let text = format!("{}: {}", turn.speaker, turn_text(turn));
+                let tokens = self
+                    .chat
+                    .tokenizer()
+                    .encode(&text)
+                    .map_err(|e| PipelineError::Model { operation: Operation::Generate, message: e.to_string() })?
+                    .len()
+                    + 6;
+                if used + tokens > budget {
+                    lines.reverse();
+                    return Ok(lines);
+                }
+                used += tokens;
+                lines.push(UsedMemory { id: 0, text, date: session.date.clone(), score: 0.0 });
+            }
+        }
+        lines.reverse();
+        Ok(lines)
+    }
+
+    /// Sentence embeddings of `texts` (unit length).
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, AssistantError> {
+        Ok(EngineEmbedder(&self.embedder).embed(texts)?)
     }
 
     /// Remembers what the user said, dated today. Only the user's words are remembered:

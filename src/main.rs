@@ -35,6 +35,9 @@ enum Command {
     /// Serve JSON Lines requests from stdin (ask, remember, search, forget, edit, undo,
     /// memories, ingest, adapters, status); one response line each on stdout.
     Batch(cli::batch::BatchArgs),
+    /// Evaluate memory on LoCoMo.
+    #[command(subcommand)]
+    Eval(cli::eval::EvalCommand),
     /// Feed a conversation (LoCoMo JSON or "Speaker: text" lines) through the memory pipeline.
     Ingest(cli::ingest::IngestArgs),
     /// Look at and change the long-term memories.
@@ -67,6 +70,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Failed requests were answered on stdout; the status says whether there were any.
         Some(Command::Batch(a)) => return Ok(if cli::batch::run(&env, a)? { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
         Some(Command::Bench(a)) => cli::bench::run(&env, a)?,
+        Some(Command::Eval(c)) => cli::eval::run(&env, c)?,
         Some(Command::Ingest(a)) => cli::ingest::run(&env, a)?,
         Some(Command::Memory(c)) => cli::memory::run(&env, c)?,
         Some(Command::Models(c)) => cli::models::run(&env, c)?,

@@ -482,3 +482,45 @@ fn the_app_without_a_terminal_says_so_and_names_the_alternatives() {
     std::fs::write(dir.path().join("config.toml"), "[ui.keys.browse]\nx = \"launch\"\n").unwrap();
     assert_one_line_error(&memlora(dir.path(), &[]), &["[ui.keys.browse] \"x\"", "unknown action 'launch'"]);
 }
+
+#[test]
+fn eval_locomo_scores_each_answer_journals_it_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = TinyModel::random(TinySpec::llama(), 26).write_gguf(&d.join("tiny.gguf"), GgmlDType::Q8_0);
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo-conversation.json");
+    let out = d.join("report.json");
+    let run = |limit: &str| {
+        let args = [
+            "eval",
+            "locomo",
+            "--data",
+            demo,
+            "--model",
+            model.to_str().unwrap(),
+            "--mode",
+            "full-context",
+            "--limit",
+            limit,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let result = memlora_with(d, &[("MEMLORA_GENERATION__MAX_TOKENS", "4")], &args);
+        assert!(result.status.success(), "{}", stderr(&result));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        report
+    };
+    let first = run("2");
+    assert_eq!(first["predictions"].as_array().unwrap().len(), 2);
+    let prediction = &first["predictions"][0];
+    for field in ["question", "answer", "prediction", "f1", "bleu1", "similarity", "seconds", "tokens"] {
+        assert!(!prediction[field].is_null(), "{field} missing: {prediction}");
+    }
+    assert_eq!(first["answerable"]["count"], 2);
+    // A second run with a higher limit answers only the new questions.
+    let journal = d.join("report.json.d").join("predictions.jsonl");
+    let second = run("3");
+    assert_eq!(second["predictions"].as_array().unwrap().len(), 3);
+    assert_eq!(std::fs::read_to_string(&journal).unwrap().lines().count(), 3, "the first two were not asked again");
+    assert_eq!(second["predictions"][0], first["predictions"][0]);
+}

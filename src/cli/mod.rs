@@ -7,6 +7,7 @@ pub mod ask;
 pub mod batch;
 pub mod bench;
 pub mod bench_memory;
+pub mod eval;
 pub mod ingest;
 pub mod memory;
 pub mod models;
@@ -126,7 +127,15 @@ impl Env {
     ) -> anyhow::Result<Assistant> {
         let embedder = self.load_embedder()?;
         let store = MemoryStore::open(data_dir, embedder.dimension())?;
-        self.assistant_with(embedder, store, model, generate_adapters, sampling)
+        self.assistant_with(embedder, store, model, generate_adapters, sampling, true)
+    }
+
+    /// An assistant on the memories of `data_dir` for an evaluation: the config's
+    /// sampling, and the bound adapters only when `experts`.
+    pub fn open_assistant_for_eval(&self, data_dir: &Path, model: &str, experts: bool) -> anyhow::Result<Assistant> {
+        let embedder = self.load_embedder()?;
+        let store = MemoryStore::open(data_dir, embedder.dimension())?;
+        self.assistant_with(embedder, store, model, &[], self.sampling(), experts)
     }
 
     /// Everything a conversation needs: the chat model with each memory operation's
@@ -143,14 +152,15 @@ impl Env {
         model: &str,
         generate_adapters: &[String],
         sampling: SamplingParams,
+        use_bindings: bool,
     ) -> anyhow::Result<Assistant> {
         // The store is opened first: a data dir locked by another process fails before a
         // model loads.
         // `adapters bind` records bindings in the registry; names in the config win.
-        let mut bound = AdapterRegistry::open(&self.paths.data_dir)?.bindings()?;
+        let mut bound = if use_bindings { AdapterRegistry::open(&self.paths.data_dir)?.bindings()? } else { Default::default() };
         let configured = &self.config.memory.adapters;
         for (operation, name) in [("extract", &configured.extract), ("update", &configured.update), ("generate", &configured.generate)] {
-            if !name.is_empty() {
+            if use_bindings && !name.is_empty() {
                 bound.insert(operation.to_owned(), name.clone());
             }
         }

@@ -338,6 +338,18 @@ impl MemoryPipeline {
             .into_iter()
             .map(|hit| UsedMemory { id: hit.memory.id, text: hit.memory.text, date: hit.memory.event_time, score: hit.score })
             .collect();
+        self.answer_with(question, memories, model, on_text)
+    }
+
+    /// Answers `question` with `memories` in context (whatever the caller chose: recalled
+    /// memories, or a conversation's own turns), streaming to `on_text`.
+    pub fn answer_with(
+        &self,
+        question: &str,
+        memories: Vec<UsedMemory>,
+        model: &mut dyn LanguageModel,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Answer, PipelineError> {
         let prompt = self.prompts.render(Operation::Generate, json!({ "question": question, "memories": memories }))?;
         let completion = model.complete(Operation::Generate, &prompt, on_text)?;
         Ok(Answer { text: completion.text.clone(), memories, completion })
