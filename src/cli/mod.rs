@@ -9,6 +9,7 @@ pub mod bench_memory;
 pub mod ingest;
 pub mod memory;
 pub mod models;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 
