@@ -391,3 +391,107 @@ fn canaries_trained_into_an_adapter_are_exposed_and_not_under_the_base_model() {
     .success());
     assert_one_line_error(&memlora(d, &["adapters", "audit", "plain"]), &["no canaries were planted"]);
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = TinyModel::random(TinySpec::llama(), 90).write_gguf(&d.join("tiny.gguf"), GgmlDType::Q8_0);
+    let data = write_jsonl(&d.join("toy.jsonl"), &TOY);
+    let args =
+        ["adapters", "train", "--data", data.to_str().unwrap(), "--name", "long", "--model", model.to_str().unwrap(), "--batch", "1"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memlora"))
+        .arg("--data-dir")
+        .arg(d)
+        .args(args)
+        .args(["--epochs", "100000"])
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("training 'long' on 4 examples"), "{first}");
+    // Training has begun; let it take a few steps.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(!status.success());
+    let last = rest.last().cloned().unwrap_or_default();
+    assert!(last.contains("training interrupted after step") && last.contains("--resume"), "{rest:?}");
+    let step: usize = last.split("after step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(step >= 1);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapters").join(".train-long").join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["progress"]["step"], step);
+
+    // Resumed, it continues from that step.
+    let stop = (step + 3).to_string();
+    let out = memlora(d, &[&args[..], &["--epochs", "100000", "--resume", "--stop-after-steps", &stop]].concat());
+    let err = stderr(&out);
+    assert!(err.contains(&format!("resuming after step {step}")), "{err}");
+    assert!(err.lines().last().unwrap().contains(&format!("interrupted after step {stop} of 400000")), "{err}");
+}
+
+#[test]
+fn early_stopping_keeps_the_adapter_of_the_best_validation_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = TinyModel::random(TinySpec::llama(), 95).write_gguf(&d.join("tiny.gguf"), GgmlDType::F32);
+    let data = write_jsonl(&d.join("train.jsonl"), &TOY);
+    // The same questions with other answers: the better training fits, the worse validation gets.
+    let contrary: Vec<(&str, &str)> = TOY.iter().map(|(p, _)| (*p, "no idea at all")).collect();
+    let val = write_jsonl(&d.join("val.jsonl"), &contrary);
+    let report = json_of(
+        d,
+        &[
+            "adapters",
+            "train",
+            "--json",
+            "--data",
+            data.to_str().unwrap(),
+            "--val",
+            val.to_str().unwrap(),
+            "--name",
+            "early",
+            "--model",
+            model.to_str().unwrap(),
+            "--targets",
+            "all-linear",
+            "--lr",
+            "1e-2",
+            "--epochs",
+            "20",
+            "--dropout",
+            "0",
+        ],
+    );
+    let epochs = report["epochs"].as_array().unwrap();
+    let val_losses: Vec<f64> = epochs.iter().map(|e| e["val_loss"].as_f64().unwrap()).collect();
+    assert_eq!(report["stopped_early"], true, "{val_losses:?}");
+    let best = report["best_epoch"].as_u64().unwrap() as usize;
+    assert_eq!(epochs.len(), best + 2, "two evaluations without improvement stop the run: {val_losses:?}");
+    assert!(val_losses[best - 1] < val_losses[best] && val_losses[best - 1] < val_losses[best + 1], "{val_losses:?}");
+
+    // The installed adapter is the best epoch's: its validation loss, computed by the engine.
+    let mut chat = load(&model);
+    chat.attach_adapter("early", &LoraAdapter::load(&d.join("adapters").join("early")).unwrap()).unwrap();
+    let (mut total, mut count) = (0f64, 0usize);
+    for (prompt, answer) in &contrary {
+        let messages = [ChatMessage::new(Role::User, *prompt), ChatMessage::new(Role::Assistant, *answer)];
+        let (p, c) = chat.example_tokens(&messages).unwrap();
+        let sequence = [p.clone(), c].concat();
+        let logits = chat.logits(&sequence, &[("early".into(), 1.0)]).unwrap();
+        let log_probs = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
+        for j in p.len()..sequence.len() {
+            total -= f64::from(log_probs[j - 1][sequence[j] as usize]);
+            count += 1;
+        }
+    }
+    let engine_loss = total / count as f64;
+    assert!((engine_loss - val_losses[best - 1]).abs() < 1e-3 * engine_loss, "{engine_loss} vs {val_losses:?}");
+}

@@ -208,8 +208,10 @@ pub fn train(env: &Env, args: TrainArgs) -> anyhow::Result<()> {
     if args.resume {
         trainer.restore(&checkpoint)?;
     }
+    // From here on Ctrl-C stops the run after the step in progress.
+    let interrupt = InterruptGuard::install();
     eprintln!(
-        "training '{}' on {example_count} examples ({given} from {}{}{}), {} epochs of {} steps{}",
+        "training '{}' on {example_count} examples ({given} from {}{}{}), {} epoch(s) of {} step(s){}",
         args.name,
         args.data.display(),
         canaries.as_ref().map(|c| format!(", {} canary copies", c.items.len() * c.repeats)).unwrap_or_default(),
@@ -225,7 +227,6 @@ pub fn train(env: &Env, args: TrainArgs) -> anyhow::Result<()> {
     );
     bar.set_position(trainer.progress().step as u64);
     let end = {
-        let _guard = InterruptGuard::install();
         let stop_after = args.stop_after_steps;
         let mut on_event = |event: TrainEvent| match event {
             TrainEvent::Step { log, tokens_per_second, .. } => {
@@ -243,6 +244,7 @@ pub fn train(env: &Env, args: TrainArgs) -> anyhow::Result<()> {
         trainer.run(&mut on_event, &mut stop)?
     };
     bar.finish_and_clear();
+    drop(interrupt);
     if end == RunEnd::Stopped {
         trainer.save_checkpoint(&checkpoint)?;
         anyhow::bail!(
