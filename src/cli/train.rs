@@ -289,6 +289,7 @@ pub fn train(env: &Env, args: TrainArgs) -> anyhow::Result<()> {
         tokens: progress.tokens,
         seconds: progress.seconds,
         tokens_per_second: progress.tokens_per_second(),
+        validation_seconds: progress.eval_seconds,
         canaries,
     };
     let log_path = match &admission {

@@ -401,11 +401,6 @@ impl<'m> Trainer<'m> {
         }
     }
 
-    /// The current factors (tests).
-    pub fn current(&self) -> Result<LoraTensors, TrainError> {
-        Ok(self.lora.snapshot()?)
-    }
-
     /// Identifies the run: settings, model shape and every example's tokens.
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
@@ -528,9 +523,13 @@ pub struct TrainingLog {
     pub best_epoch: Option<usize>,
     pub stopped_early: bool,
     pub resumed: usize,
+    /// Tokens and seconds of the optimizer steps.
     pub tokens: u64,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// Seconds spent on the validation loss.
+    #[serde(default)]
+    pub validation_seconds: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canaries: Option<Canaries>,
 }
