@@ -1,9 +1,12 @@
 //! LoRA adapters as files: the PEFT format, and the registry of installed adapters with
-//! their operation bindings. (Budget, merging and training build on this.)
+//! their operation bindings; the storage budget and merging, training on the CPU, and the
+//! memorization audit build on this.
 
+pub mod audit;
 pub mod merge;
 pub mod peft;
 pub mod registry;
+pub mod train;
 
 pub use peft::{LoraAdapter, LoraPair, ModuleKey, PeftConfig, TargetModules};
 pub use registry::{AdapterInfo, AdapterRegistry, Admission, Budget, InstalledAdapter};

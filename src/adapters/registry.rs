@@ -287,7 +287,7 @@ impl AdapterRegistry {
 }
 
 /// Adapter and operation names are single path components a shell need not quote.
-fn check_name(name: &str) -> Result<(), AdapterError> {
+pub fn check_name(name: &str) -> Result<(), AdapterError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')

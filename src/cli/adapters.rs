@@ -76,6 +76,12 @@ pub enum AdaptersCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Train a LoRA adapter on JSON Lines examples (on the CPU) and install it; Ctrl-C saves a
+    /// checkpoint that --resume continues.
+    Train(Box<super::train::TrainArgs>),
+    /// Canary exposure of an adapter trained with --canaries: how far it memorised the planted
+    /// secrets, against the base model.
+    Audit(super::train::AuditArgs),
     /// Storage against fidelity of sharing low-rank factors between adapters (HydraOpt-style).
     ShareReport {
         #[arg(required = true, num_args = 1..)]
@@ -100,6 +106,8 @@ pub enum Method {
 pub fn run(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
     let registry = AdapterRegistry::open(&env.paths.data_dir)?;
     match command {
+        AdaptersCommand::Train(args) => return super::train::train(env, *args),
+        AdaptersCommand::Audit(args) => return super::train::audit(env, args),
         AdaptersCommand::List { json } => {
             let adapters = registry.list()?;
             if json {
@@ -263,7 +271,7 @@ fn print_adapter(adapter: &InstalledAdapter, serves: &[String]) {
     println!("  path         {}", adapter.dir.display());
 }
 
-fn print_admission(admission: &Admission) {
+pub(super) fn print_admission(admission: &Admission) {
     match admission {
         Admission::Installed { adapter } => println!("installed '{}' (rank {}, {})", adapter.name, adapter.rank, adapter.targets.join(",")),
         Admission::Merged { into, similarity, reconstruction_error, members } => println!(

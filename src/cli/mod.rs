@@ -11,6 +11,7 @@ pub mod eval;
 pub mod ingest;
 pub mod memory;
 pub mod models;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

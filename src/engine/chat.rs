@@ -48,11 +48,18 @@ impl ChatTemplate {
 
     /// The prompt text for `messages`, ending where the assistant's answer starts.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_with(messages, true)
+    }
+
+    /// `messages` as the template writes them; with `add_generation_prompt` the text ends
+    /// where the assistant's next answer starts, without it it ends after the last message
+    /// (a training example, the answer's end-of-turn marker included).
+    pub fn render_with(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template("chat").map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
@@ -86,6 +93,8 @@ mod tests {
         let t = ChatTemplate::new(None, None, None).unwrap();
         let text = t.render(&[ChatMessage::new(Role::System, "Be brief."), ChatMessage::new(Role::User, "Hi")]).unwrap();
         assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let whole = t.render_with(&[ChatMessage::new(Role::User, "Hi"), ChatMessage::new(Role::Assistant, "Hello")], false).unwrap();
+        assert_eq!(whole, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n");
     }
 
     #[test]

@@ -353,7 +353,8 @@ fn causal_mask(seq: usize, start: usize, group: usize, device: &Device) -> Resul
     Ok(Some(Tensor::from_vec(data, (group * seq, total), device)?))
 }
 
-fn rotary_tables(config: &DecoderConfig, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// Cosine and sine of every position's rotary angles, `(positions, head_dim / 2)`.
+pub(crate) fn rotary_tables(config: &DecoderConfig, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = config.head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| {

@@ -21,6 +21,7 @@ use candle_transformers::generation::LogitsProcessor;
 use serde::Serialize;
 
 pub use chat::{ChatMessage, ChatTemplate, Role};
+pub(crate) use decoder::rotary_tables;
 pub use decoder::{Decoder, TargetModule};
 pub use embedder::{cosine, Embedder};
 pub use error::{EngineError, Result};
@@ -376,6 +377,22 @@ impl ChatModel {
             }
             dropped += 1;
         }
+    }
+
+    /// A training example: the tokens of the prompt (the template up to where the answer
+    /// of the last message starts, exactly as [`ChatModel::generate`] would encode it) and
+    /// of that answer with the template's end-of-turn text. The last message must be the
+    /// assistant's.
+    pub fn example_tokens(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Vec<u32>)> {
+        let Some((answer, context)) = messages.split_last().filter(|(m, _)| m.role == Role::Assistant) else {
+            return Err(EngineError::ChatTemplate("a training example must end with an assistant message".into()));
+        };
+        let prompt = self.template.render(context)?;
+        let whole = self.template.render_with(messages, false)?;
+        let completion = whole.strip_prefix(&prompt).filter(|c| c.contains(answer.content.as_str())).ok_or_else(|| {
+            EngineError::ChatTemplate("the template does not write the answer after the prompt it renders for generation".into())
+        })?;
+        Ok((self.tokenizer.encode(&prompt)?, self.tokenizer.encode(completion)?))
     }
 
     /// Generates the assistant's answer to `messages`, calling `on_text` with
