@@ -19,24 +19,7 @@ fn memlora(data_dir: &Path, args: &[&str]) -> Output {
 
 /// [`memlora`] with extra environment variables.
 fn memlora_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let embedder = data_dir.join("tiny-bert");
-    if !embedder.exists() {
-        common::write_tiny_bert(&embedder);
-    }
-    Command::new(env!("CARGO_BIN_EXE_memlora"))
-        .env("MEMLORA_EMBEDDER", &embedder)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--models-dir")
-        .arg(data_dir.join("models-cache"))
-        .args(args)
-        .env_remove("MEMLORA_DATA_DIR")
-        .env_remove("MEMLORA_MODELS_DIR")
-        // No hub here and none wanted in tests: fail fast, never hang.
-        .env("HF_HUB_OFFLINE", "1")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run memlora")
+    common::memlora_command(data_dir).args(args).envs(env.iter().copied()).output().expect("run memlora")
 }
 
 fn stderr(out: &Output) -> String {

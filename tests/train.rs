@@ -16,22 +16,7 @@ use memlora::adapters::LoraAdapter;
 use memlora::engine::{ChatMessage, ChatModel, LoadOptions, Role, SamplingParams, TargetModule, WeightFormat};
 
 fn memlora(data_dir: &Path, args: &[&str]) -> Output {
-    let embedder = data_dir.join("tiny-bert");
-    if !embedder.exists() {
-        common::write_tiny_bert(&embedder);
-    }
-    Command::new(env!("CARGO_BIN_EXE_memlora"))
-        .env("MEMLORA_EMBEDDER", &embedder)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--models-dir")
-        .arg(data_dir.join("models-cache"))
-        .args(args)
-        .env_remove("MEMLORA_DATA_DIR")
-        .env_remove("MEMLORA_MODELS_DIR")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run memlora")
+    common::memlora_command(data_dir).args(args).output().expect("run memlora")
 }
 
 fn stderr(out: &Output) -> String {

@@ -356,3 +356,24 @@ pub fn real_models_dir() -> Option<PathBuf> {
 pub fn require_real_models() -> bool {
     std::env::var("MEMLORA_REQUIRE_REAL_MODELS").is_ok_and(|v| v == "1")
 }
+
+/// The memlora binary on `data_dir` with a tiny random sentence embedder (so that
+/// commands with memory run without the real models), its own model cache, and no hub.
+pub fn memlora_command(data_dir: &Path) -> std::process::Command {
+    let embedder = data_dir.join("tiny-bert");
+    if !embedder.exists() {
+        write_tiny_bert(&embedder);
+    }
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_memlora"));
+    command
+        .env("MEMLORA_EMBEDDER", &embedder)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--models-dir")
+        .arg(data_dir.join("models-cache"))
+        .env_remove("MEMLORA_DATA_DIR")
+        .env_remove("MEMLORA_MODELS_DIR")
+        // No hub here and none wanted in tests: fail fast, never hang.
+        .env("HF_HUB_OFFLINE", "1");
+    command
+}
