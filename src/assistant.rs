@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{ChatMessage, ChatModel, Embedder, EngineError, Role, SamplingParams};
 use crate::memory::pipeline::{
@@ -107,7 +107,7 @@ pub struct IngestProgress<'a> {
 }
 
 /// The totals of an ingest.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct IngestSummary {
     pub conversations: usize,
     pub sessions: usize,

@@ -128,18 +128,7 @@ fn ingest(assistant: &mut Assistant, conversation: &Conversation, bar: &Progress
         bar.set_message(format!("{} ingest {}/{}", progress.conversation, progress.turns_done, progress.turns_total));
         ControlFlow::Continue(())
     })?;
-    Ok(IngestRecord {
-        conversation: conversation.id.clone(),
-        turns: summary.turns,
-        seconds: summary.seconds,
-        facts: summary.facts,
-        added: summary.added,
-        updated: summary.updated,
-        deleted: summary.deleted,
-        unchanged: summary.unchanged,
-        undecided: summary.undecided,
-        memories: summary.memories,
-    })
+    Ok(IngestRecord { conversation: conversation.id.clone(), summary })
 }
 
 fn answer(
@@ -202,17 +191,10 @@ fn print_table(report: &Report) {
     row("1-4".into(), &report.answerable);
     row("all".into(), &report.overall);
     for ingest in &report.ingests {
+        let s = &ingest.summary;
         println!(
             "{}: {} turns ingested in {:.0} s; {} facts; +{} added, {} updated, {} deleted, {} known; {} memories",
-            ingest.conversation,
-            ingest.turns,
-            ingest.seconds,
-            ingest.facts,
-            ingest.added,
-            ingest.updated,
-            ingest.deleted,
-            ingest.unchanged,
-            ingest.memories
+            ingest.conversation, s.turns, s.seconds, s.facts, s.added, s.updated, s.deleted, s.unchanged, s.memories
         );
     }
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{Score, Summary, Totals};
+use crate::assistant::IngestSummary;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -51,15 +52,8 @@ pub struct Prediction {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct IngestRecord {
     pub conversation: String,
-    pub turns: usize,
-    pub seconds: f64,
-    pub facts: usize,
-    pub added: usize,
-    pub updated: usize,
-    pub deleted: usize,
-    pub unchanged: usize,
-    pub undecided: usize,
-    pub memories: usize,
+    #[serde(flatten)]
+    pub summary: IngestSummary,
 }
 
 /// Appends records to a JSON Lines file, one fsync'd line each, so that a record written
