@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{assert_one_line_error, json_of, stderr};
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -20,22 +22,6 @@ fn memlora(data_dir: &Path, args: &[&str]) -> Output {
 /// [`memlora`] with extra environment variables.
 fn memlora_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     common::memlora_command(data_dir).args(args).envs(env.iter().copied()).output().expect("run memlora")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-/// Fails unless the command failed with exactly one line that names `needle`.
-fn assert_one_line_error(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "error line lacks '{needle}': {}", lines[0]);
-    }
 }
 
 #[test]
@@ -189,13 +175,6 @@ fn pulling_with_no_reachable_source_names_every_source() {
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// Runs a command that must succeed and returns its stdout parsed as JSON.
-fn json_of(data_dir: &Path, args: &[&str]) -> serde_json::Value {
-    let out = memlora(data_dir, args);
-    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", stdout(&out)))
 }
 
 fn memory_texts(data_dir: &Path) -> Vec<String> {

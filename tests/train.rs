@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{assert_one_line_error, json_of, stderr};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -17,27 +19,6 @@ use memlora::engine::{ChatMessage, ChatModel, LoadOptions, Role, SamplingParams,
 
 fn memlora(data_dir: &Path, args: &[&str]) -> Output {
     common::memlora_command(data_dir).args(args).output().expect("run memlora")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn json_of(data_dir: &Path, args: &[&str]) -> serde_json::Value {
-    let out = memlora(data_dir, args);
-    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-fn assert_one_line_error(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "error line lacks '{needle}': {}", lines[0]);
-    }
 }
 
 fn load(path: &Path) -> ChatModel {

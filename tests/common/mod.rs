@@ -377,3 +377,26 @@ pub fn memlora_command(data_dir: &Path) -> std::process::Command {
         .env("HF_HUB_OFFLINE", "1");
     command
 }
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Fails unless the command failed with exactly one line that names every needle.
+pub fn assert_one_line_error(out: &std::process::Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "error line lacks '{needle}': {}", lines[0]);
+    }
+}
+
+/// Runs a [`memlora_command`] that must succeed and returns its stdout parsed as JSON.
+pub fn json_of(data_dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = memlora_command(data_dir).args(args).output().expect("run memlora");
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
