@@ -26,6 +26,8 @@ pub enum AssistantError {
     DimensionMismatch { store: usize, embedder: usize },
     #[error("no memory with id {0}")]
     NoSuchMemory(MemoryId),
+    #[error("adapter '{name}': {message}")]
+    Adapter { name: String, message: String },
 }
 
 /// The active adapters (slot name, scale) of each operation.
@@ -184,6 +186,18 @@ impl Assistant {
 
     pub fn adapters(&self) -> &OperationAdapters {
         &self.adapters
+    }
+
+    /// Attaches `adapter` again as slot `name` when an operation runs with it (after it
+    /// changed on disk, e.g. merged into under the storage budget); returns whether it did.
+    /// Called between requests, so no answer sees two versions of it.
+    pub fn reload_adapter(&mut self, name: &str, adapter: &crate::adapters::LoraAdapter) -> Result<bool, AssistantError> {
+        if !self.adapters.values().flatten().any(|(slot, _)| slot == name) {
+            return Ok(false);
+        }
+        let failed = |message: String| AssistantError::Adapter { name: name.to_owned(), message };
+        self.chat.attach_adapter(name, adapter).map_err(|e| failed(e.to_string()))?;
+        Ok(true)
     }
 
     /// A system message for answers instead of the generation prompt's.

@@ -397,6 +397,28 @@ fn adapters_are_installed_bound_merged_under_the_budget_and_exported() {
     let merged = json_of(d, &["adapters", "merge", "--json", "--rank", "8", "--into", "both", "style=0.5", "tone=0.5"]);
     assert!(merged["reconstruction_error"].as_f64().unwrap() < 1e-4, "rank 8 holds two rank-4 adapters exactly: {merged}");
     assert_eq!(json_of(d, &["adapters", "show", "--json", "both"])["adapter"]["info"]["merged_from"], serde_json::json!(["style", "tone"]));
+    // The same merge as a batch request (in the app: /merge), a job that reports progress.
+    let request = r#"{"id": "m", "type": "merge_adapters", "adapters": ["style", "tone"], "into": "blend", "method": {"name": "dare", "drop_rate": 0.5, "seed": 1}}"#;
+    let mut batch = common::memlora_command(d)
+        .args(["batch", "--model", model])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut batch.stdin.take().unwrap(), format!("{request}\n").as_bytes()).unwrap();
+    let out = batch.wait_with_output().unwrap();
+    let response: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    assert_eq!(
+        (response["ok"].clone(), response["type"].clone()),
+        (serde_json::json!(true), serde_json::json!("merge_adapters")),
+        "{response}"
+    );
+    assert_eq!(response["outcome"]["admission"]["adapter"]["name"], "blend", "{response}");
+    assert_eq!(response["outcome"]["recipe"], "dare drop=0.5 seed=1 r=8");
+    assert_eq!(response["progress"]["stage"], "installing");
+    assert!(memlora(d, &["adapters", "remove", "blend"]).status.success());
+
     let report = json_of(d, &["adapters", "share-report", "--json", "--rank", "4", "--clusters", "2,1", "style", "tone"]);
     assert!(
         report["rows"][0]["max_error"].as_f64().unwrap() < 1e-4

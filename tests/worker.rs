@@ -7,23 +7,87 @@ use std::collections::BTreeMap;
 
 use candle_core::quantized::GgmlDType;
 use common::{write_tiny_bert, TinyModel, TinySpec};
+use memlora::adapters::merge::MergeMethod;
+use memlora::adapters::{AdapterInfo, AdapterRegistry, Admission, Budget, LoraAdapter, MergeSpec, MergeStage};
 use memlora::assistant::Assistant;
+use memlora::engine::TargetModule;
 use memlora::engine::{ChatModel, Embedder, LoadOptions, SamplingParams};
+use memlora::memory::pipeline::Operation;
 use memlora::memory::pipeline::{MemoryPipeline, PipelineSettings};
 use memlora::memory::prompts::Prompts;
 use memlora::memory::{MemoryStore, OpKind};
-use memlora::worker::{self, Event, Request, Submission, WorkerHandle};
+use memlora::worker::{self, AdapterStorage, Event, Request, Submission, WorkerHandle};
 
 fn start(dir: &std::path::Path, max_tokens: usize) -> (WorkerHandle, std::thread::JoinHandle<()>) {
-    let model = TinyModel::random(TinySpec::llama(), 31).write_gguf(&dir.join("tiny.gguf"), GgmlDType::Q8_0);
+    start_with(dir, max_tokens, 0, &[])
+}
+
+fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
+    TinyModel::random(TinySpec::llama(), 31).write_gguf(&dir.join("tiny.gguf"), GgmlDType::Q8_0)
+}
+
+/// A worker on a tiny model whose generation runs with the installed adapters `generate`,
+/// and whose adapter storage holds at most `max_slots` adapters (0: no limit).
+fn start_with(
+    dir: &std::path::Path,
+    max_tokens: usize,
+    max_slots: usize,
+    generate: &[&str],
+) -> (WorkerHandle, std::thread::JoinHandle<()>) {
+    let model = tiny_model(dir);
     write_tiny_bert(&dir.join("bert"));
-    let chat = ChatModel::load(&model, &LoadOptions::default()).unwrap();
+    let mut chat = ChatModel::load(&model, &LoadOptions::default()).unwrap();
+    let registry = AdapterRegistry::open(&dir.join("data")).unwrap();
+    for name in generate {
+        chat.attach_adapter(name, &LoraAdapter::load(&registry.path_of(name)).unwrap()).unwrap();
+    }
     let embedder = Embedder::load(&dir.join("bert")).unwrap();
     let store = MemoryStore::open(&dir.join("data"), embedder.dimension()).unwrap();
     let pipeline = MemoryPipeline::new(Prompts::builtin(), PipelineSettings::default());
     let sampling = SamplingParams { max_tokens, ..SamplingParams::default() };
-    let assistant = Assistant::new(chat, embedder, store, pipeline, BTreeMap::new(), sampling, "User".into()).unwrap();
-    worker::spawn(assistant, "tiny".into())
+    let adapters = BTreeMap::from([(Operation::Generate, generate.iter().map(|name| (name.to_string(), 1.0)).collect())]);
+    let assistant = Assistant::new(chat, embedder, store, pipeline, adapters, sampling, "User".into()).unwrap();
+    let budget = Budget { max_slots, threshold: None, rank: 8 };
+    worker::spawn(assistant, "tiny".into(), AdapterStorage { registry, budget })
+}
+
+/// Installs random adapters for the tiny model into `dir`'s data dir.
+fn install_adapters(dir: &std::path::Path, names: &[(&str, u64)]) {
+    let model = tiny_model(dir);
+    let config = ChatModel::load(&model, &LoadOptions::default()).unwrap().decoder_config().clone();
+    let registry = AdapterRegistry::open(&dir.join("data")).unwrap();
+    for (name, seed) in names {
+        let adapter = LoraAdapter::random(&config, 4, 8.0, &[TargetModule::Q, TargetModule::V], 2.0, *seed).unwrap();
+        registry.install(name, &adapter, &AdapterInfo::default()).unwrap();
+    }
+}
+
+/// Installs adapters big enough that merging them takes a while (seconds, not the
+/// microseconds a status request takes).
+fn install_big_adapters(dir: &std::path::Path, names: &[&str]) {
+    let model = tiny_model(dir);
+    let mut config = ChatModel::load(&model, &LoadOptions::default()).unwrap().decoder_config().clone();
+    (config.hidden_size, config.intermediate_size, config.num_layers) = (1024, 2048, 4);
+    let registry = AdapterRegistry::open(&dir.join("data")).unwrap();
+    for (seed, name) in names.iter().enumerate() {
+        let adapter = LoraAdapter::random(&config, 8, 16.0, &TargetModule::ALL, 0.5, seed as u64).unwrap();
+        registry.install(name, &adapter, &AdapterInfo::default()).unwrap();
+    }
+}
+
+fn merge_spec(adapters: &[&str], into: &str, method: MergeMethod) -> Request {
+    Request::MergeAdapters(MergeSpec {
+        adapters: adapters.iter().map(|a| a.to_string()).collect(),
+        into: into.into(),
+        method,
+        rank: 8,
+        operation: Some("generate".into()),
+    })
+}
+
+fn answer_text(handle: &WorkerHandle) -> String {
+    let events = collect(&mut handle.submit(Request::Ask { text: "the cat sat".into(), remember: false }));
+    events.iter().find_map(|e| if let Event::Answer { text, .. } = e { Some(text.clone()) } else { None }).unwrap()
 }
 
 fn collect(submission: &mut Submission) -> Vec<Event> {
@@ -50,6 +114,8 @@ fn kinds(events: &[Event]) -> Vec<&'static str> {
             Event::Hits { .. } => "hits",
             Event::Progress { .. } => "progress",
             Event::Adapters { .. } => "adapters",
+            Event::MergeProgress { .. } => "merge_progress",
+            Event::Merged { .. } => "merged",
             Event::Status { .. } => "status",
             Event::Error { .. } => "error",
             Event::Done => "done",
@@ -161,4 +227,89 @@ fn dropping_every_handle_stops_the_worker_after_its_current_request() {
     // The remembered memory is durable: the store reopens with it.
     let store = MemoryStore::open(&dir.path().join("data"), 32).unwrap();
     assert_eq!(store.len(), 1);
+}
+
+#[test]
+fn a_merge_job_reports_each_module_and_installs_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    install_adapters(dir.path(), &[("a", 1), ("b", 2)]);
+    let (handle, _thread) = start(dir.path(), 4);
+    let events = collect(&mut handle.submit(merge_spec(&["a", "b=0.5"], "ab", MergeMethod::Ties { density: 0.5 })));
+    let progress: Vec<_> =
+        events.iter().filter_map(|e| if let Event::MergeProgress { progress } = e { Some(*progress) } else { None }).collect();
+    let modules: Vec<(usize, usize)> = progress.iter().filter(|p| p.stage == MergeStage::Merging).map(|p| (p.done, p.total)).collect();
+    // The tiny llama has 2 layers; q and v in each.
+    assert_eq!(modules, [(1, 4), (2, 4), (3, 4), (4, 4)], "{progress:?}");
+    assert_eq!(progress.first().map(|p| p.stage), Some(MergeStage::Loading));
+    assert_eq!(progress.last().map(|p| (p.stage, p.done)), Some((MergeStage::Installing, 1)));
+    let Some(Event::Merged { outcome }) = events.iter().find(|e| matches!(e, Event::Merged { .. })) else { panic!("{events:?}") };
+    let Admission::Installed { adapter } = &outcome.admission else { panic!("{outcome:?}") };
+    assert_eq!((adapter.name.as_str(), adapter.rank), ("ab", 8));
+    assert_eq!(adapter.info.merged_from, ["a", "b"]);
+    assert!(outcome.recipe.starts_with("ties density=0.5"), "{}", outcome.recipe);
+    assert_eq!(events.last(), Some(&Event::Done));
+    let registry = AdapterRegistry::open(&dir.path().join("data")).unwrap();
+    LoraAdapter::load(&registry.path_of("ab")).unwrap();
+
+    // A bad merge is an error event, and installs nothing.
+    let events = collect(&mut handle.submit(merge_spec(&["a", "missing"], "bad", MergeMethod::Linear)));
+    assert!(events.iter().any(|e| matches!(e, Event::Error { message } if message.contains("no adapter named 'missing'"))), "{events:?}");
+    let events = collect(&mut handle.submit(merge_spec(&["a"], "ab", MergeMethod::Linear)));
+    assert!(events.iter().any(|e| matches!(e, Event::Error { message } if message.contains("'ab' is already installed"))), "{events:?}");
+    assert!(!registry.path_of("bad").exists());
+}
+
+#[test]
+fn chat_goes_on_while_a_merge_runs_and_a_cancelled_merge_installs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    install_big_adapters(dir.path(), &["big1", "big2"]);
+    let (handle, _thread) = start(dir.path(), 4);
+    let mut merge = handle.submit(merge_spec(&["big1", "big2"], "merged", MergeMethod::Ties { density: 0.2 }));
+    // Wait until the merge is fitting modules, then ask for something else.
+    loop {
+        match merge.events.blocking_recv().unwrap() {
+            Event::MergeProgress { progress } if progress.stage == MergeStage::Merging => break,
+            Event::MergeProgress { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let status = collect(&mut handle.submit(Request::Status));
+    assert_eq!(kinds(&status), ["status", "done"]);
+    let mut merge_events = Vec::new();
+    while let Ok(event) = merge.events.try_recv() {
+        merge_events.push(event);
+    }
+    assert!(!merge_events.contains(&Event::Done), "the status request waited for the merge: {merge_events:?}");
+
+    merge.cancel.cancel();
+    let rest = collect(&mut merge);
+    assert!(rest.iter().any(|e| matches!(e, Event::Error { message } if message == "the merge was cancelled")), "{rest:?}");
+    assert!(!rest.iter().any(|e| matches!(e, Event::Merged { .. })));
+    let registry = AdapterRegistry::open(&dir.path().join("data")).unwrap();
+    assert_eq!(registry.list().unwrap().len(), 2);
+}
+
+#[test]
+fn a_merge_into_a_bound_adapter_is_attached_before_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    install_adapters(dir.path(), &[("style", 5), ("tone", 6)]);
+    // A budget of two slots is full already ("style" is bound to generation) …
+    let registry = AdapterRegistry::open(&dir.path().join("data")).unwrap();
+    let (handle, _thread) = start_with(dir.path(), 6, 2, &["style"]);
+    let before = answer_text(&handle);
+    // … so a stronger "style" goes into the most similar slot: "style", the adapter in use,
+    // becomes the running average of the two, 2·style.
+    let events = collect(&mut handle.submit(merge_spec(&["style=3"], "strong-style", MergeMethod::Linear)));
+    let Some(Event::Merged { outcome }) = events.iter().find(|e| matches!(e, Event::Merged { .. })) else { panic!("{events:?}") };
+    assert!(matches!(&outcome.admission, Admission::Merged { into, .. } if into == "style"), "{outcome:?}");
+    let after = answer_text(&handle);
+
+    // What a fresh start on the merged "style" answers.
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_registry = AdapterRegistry::open(&fresh.path().join("data")).unwrap();
+    fresh_registry.install("style", &LoraAdapter::load(&registry.path_of("style")).unwrap(), &AdapterInfo::default()).unwrap();
+    let (fresh_handle, _fresh_thread) = start_with(fresh.path(), 6, 1, &["style"]);
+    let expected = answer_text(&fresh_handle);
+    assert_ne!(before, expected, "the merge must change the answer for this test to mean anything");
+    assert_eq!(after, expected);
 }

@@ -30,8 +30,10 @@
 //! an SVD of the small core.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 // In memlora: `use super::peft::{...}` and `use crate::engine::TargetModule;`.
 use super::peft::{LoraAdapter, LoraPair, ModuleKey, PeftConfig, TargetModules};
@@ -85,6 +87,8 @@ pub enum MergeError {
     UnknownAdapter(String),
     #[error("tensor error: {0}")]
     Tensor(String),
+    #[error("the merge was cancelled")]
+    Cancelled,
 }
 
 impl From<candle_core::Error> for MergeError {
@@ -128,13 +132,56 @@ pub struct Merged {
 // Offline merges
 // ---------------------------------------------------------------------------
 
+/// An offline merge operator and its settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MergeMethod {
+    /// [`linear`]
+    #[default]
+    Linear,
+    /// [`ties`]; `density` is the fraction of each adapter's largest entries kept.
+    Ties { density: f32 },
+    /// [`dare`]; `drop_rate` is the probability of dropping each entry.
+    Dare { drop_rate: f32, seed: u64 },
+}
+
+impl MergeMethod {
+    /// How the result was made, for its record and for people.
+    pub fn recipe(&self, rank: usize) -> String {
+        match self {
+            MergeMethod::Linear => format!("linear r={rank}"),
+            MergeMethod::Ties { density } => format!("ties density={density} r={rank}"),
+            MergeMethod::Dare { drop_rate, seed } => format!("dare drop={drop_rate} seed={seed} r={rank}"),
+        }
+    }
+}
+
+/// Called after each module is fitted with (modules done, modules in all); `Break` stops
+/// the merge with [`MergeError::Cancelled`].
+pub type OnModule<'a> = &'a mut dyn FnMut(usize, usize) -> ControlFlow<()>;
+
+/// Merges with `method`, reporting each fitted module to `on_module`.
+pub fn merge(adapters: &[(&LoraAdapter, f32)], method: MergeMethod, rank: usize, on_module: OnModule) -> Result<Merged> {
+    match method {
+        MergeMethod::Linear => {
+            let (prepared, weights, compat) = prepare_weighted(adapters, rank)?;
+            let members: Vec<(f64, &Prepared)> = weights.iter().copied().zip(&prepared).collect();
+            combine(&members, rank, &compat, &prepared[0].config, on_module)
+        }
+        MergeMethod::Ties { density } => ties_merge(adapters, density, rank, on_module),
+        MergeMethod::Dare { drop_rate, seed } => dare_merge(adapters, drop_rate, seed, rank, on_module),
+    }
+}
+
+fn no_progress(_: usize, _: usize) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
 /// Task arithmetic: Σ wᵢ ΔWᵢ, re-factorised to `rank`. Exact (up to
 /// rounding) whenever `rank` ≥ Σ rᵢ, because the sum is factored from the
 /// stacked factors [w₁s₁B₁ | w₂s₂B₂ | …]·[A₁; A₂; …] without forming ΔW.
 pub fn linear(adapters: &[(&LoraAdapter, f32)], rank: usize) -> Result<Merged> {
-    let (prepared, weights, compat) = prepare_weighted(adapters, rank)?;
-    let members: Vec<(f64, &Prepared)> = weights.iter().copied().zip(&prepared).collect();
-    combine(&members, rank, &compat, &prepared[0].config)
+    merge(adapters, MergeMethod::Linear, rank, &mut no_progress)
 }
 
 /// TIES-merging (Yadav et al., 2023), per module:
@@ -151,12 +198,17 @@ pub fn linear(adapters: &[(&LoraAdapter, f32)], rank: usize) -> Result<Merged> {
 /// equal to λ; weights of 1 give the plain TIES mean, so merging an adapter
 /// with itself at weights 1 and density 1 returns it.
 pub fn ties(adapters: &[(&LoraAdapter, f32)], density: f32, rank: usize) -> Result<Merged> {
+    merge(adapters, MergeMethod::Ties { density }, rank, &mut no_progress)
+}
+
+fn ties_merge(adapters: &[(&LoraAdapter, f32)], density: f32, rank: usize, on_module: OnModule) -> Result<Merged> {
     if !(density > 0.0 && density <= 1.0) {
         return Err(MergeError::Density(density));
     }
     let (prepared, weights, compat) = prepare_weighted(adapters, rank)?;
-    let mut out = Builder::new(rank);
-    for key in union_keys(&prepared) {
+    let keys = union_keys(&prepared);
+    let mut out = Builder::new(rank, keys.len(), on_module);
+    for key in keys {
         let (m, n) = compat.shape(&key);
         let members: Vec<(f64, &Fac)> = weights.iter().zip(&prepared).filter_map(|(&w, p)| p.modules.get(&key).map(|f| (w, f))).collect();
         // Two passes recompute the trimmed ΔWs rather than hold all of them.
@@ -192,14 +244,19 @@ pub fn ties(adapters: &[(&LoraAdapter, f32)], density: f32, rank: usize) -> Resu
 /// adapter and module from a stream seeded by (`seed`, adapter index, layer,
 /// module), so the result is deterministic and independent of module order.
 pub fn dare(adapters: &[(&LoraAdapter, f32)], drop_rate: f32, seed: u64, rank: usize) -> Result<Merged> {
+    merge(adapters, MergeMethod::Dare { drop_rate, seed }, rank, &mut no_progress)
+}
+
+fn dare_merge(adapters: &[(&LoraAdapter, f32)], drop_rate: f32, seed: u64, rank: usize, on_module: OnModule) -> Result<Merged> {
     if !(0.0..1.0).contains(&drop_rate) {
         return Err(MergeError::DropRate(drop_rate));
     }
     let (prepared, weights, compat) = prepare_weighted(adapters, rank)?;
     let p = drop_rate as f64;
     let keep_scale = 1.0 / (1.0 - p);
-    let mut out = Builder::new(rank);
-    for key in union_keys(&prepared) {
+    let keys = union_keys(&prepared);
+    let mut out = Builder::new(rank, keys.len(), on_module);
+    for key in keys {
         let (m, n) = compat.shape(&key);
         let mut sum = vec![0.0; m * n];
         for (index, (&w, prep)) in weights.iter().zip(&prepared).enumerate() {
@@ -345,14 +402,14 @@ impl SlotBank {
         let mut compat = self.compat.clone();
         compat.insert(&incoming);
         let placement = if open {
-            let merged = combine(&[(1.0, &incoming)], rank, &compat, &incoming.config)?;
+            let merged = combine(&[(1.0, &incoming)], rank, &compat, &incoming.config, &mut no_progress)?;
             self.slots.push(Slot { adapter: merged.adapter, members: vec![name.to_string()], count: 1 });
             Placement::Opened { slot: self.slots.len() - 1, error: merged.report.overall }
         } else {
             let (i, similarity) = best.expect("a full bank has slots");
             let n = (self.slots[i].count + 1) as f64;
             let members = [(1.0 - 1.0 / n, &slot_facs[i]), (1.0 / n, &incoming)];
-            let merged = combine(&members, rank, &compat, &self.slots[i].adapter.config)?;
+            let merged = combine(&members, rank, &compat, &self.slots[i].adapter.config, &mut no_progress)?;
             let slot = &mut self.slots[i];
             slot.adapter = merged.adapter;
             slot.members.push(name.to_string());
@@ -565,7 +622,8 @@ fn build_shared(
             a_of.insert(key, a.to_tensor()?);
         }
         for (g, &i) in group.iter().enumerate() {
-            let mut builder = Builder::new(rank);
+            let mut quiet = no_progress;
+            let mut builder = Builder::new(rank, 0, &mut quiet);
             let mut b_of = BTreeMap::new();
             for (key, (b, err, total)) in std::mem::take(&mut fits[g]) {
                 b_of.insert(key, b.to_tensor()?);
@@ -796,9 +854,9 @@ fn similarity(x: &Prepared, y: &Prepared) -> f64 {
 }
 
 /// Σ coefᵢ ΔWᵢ over the union of modules, re-factorised to `rank`.
-fn combine(members: &[(f64, &Prepared)], rank: usize, compat: &Compat, template: &PeftConfig) -> Result<Merged> {
+fn combine(members: &[(f64, &Prepared)], rank: usize, compat: &Compat, template: &PeftConfig, on_module: OnModule) -> Result<Merged> {
     let keys: BTreeSet<ModuleKey> = members.iter().flat_map(|(_, p)| p.modules.keys().copied()).collect();
-    let mut out = Builder::new(rank);
+    let mut out = Builder::new(rank, keys.len(), on_module);
     for key in keys {
         let terms: Vec<(f64, &Fac)> = members.iter().filter_map(|(w, p)| p.modules.get(&key).map(|f| (w * f.scale, f))).collect();
         out.push(key, fit_sum(&terms, compat.shape(&key), rank, module_seed(SVD_SEED, &key, 0)))?;
@@ -819,17 +877,20 @@ fn output_config(template: &PeftConfig, base: Option<String>, rank: usize, keys:
 }
 
 /// Collects fitted modules into an adapter and its report.
-struct Builder {
+struct Builder<'a> {
     rank: usize,
     modules: BTreeMap<ModuleKey, LoraPair>,
     fits: BTreeMap<ModuleKey, ModuleFit>,
     err_sq: f64,
     total_sq: f64,
+    /// Modules expected in all, for `on_module`.
+    expected: usize,
+    on_module: OnModule<'a>,
 }
 
-impl Builder {
-    fn new(rank: usize) -> Self {
-        Self { rank, modules: BTreeMap::new(), fits: BTreeMap::new(), err_sq: 0.0, total_sq: 0.0 }
+impl<'a> Builder<'a> {
+    fn new(rank: usize, expected: usize, on_module: OnModule<'a>) -> Self {
+        Self { rank, modules: BTreeMap::new(), fits: BTreeMap::new(), err_sq: 0.0, total_sq: 0.0, expected, on_module }
     }
 
     fn record(&mut self, key: ModuleKey, err_sq: f64, total_sq: f64) {
@@ -843,7 +904,10 @@ impl Builder {
         debug_assert_eq!(fit.a.rows, self.rank);
         self.modules.insert(key, LoraPair { a: fit.a.to_tensor()?, b: fit.b.to_tensor()? });
         self.record(key, fit.err_sq, fit.total_sq);
-        Ok(())
+        match (self.on_module)(self.modules.len(), self.expected) {
+            ControlFlow::Continue(()) => Ok(()),
+            ControlFlow::Break(()) => Err(MergeError::Cancelled),
+        }
     }
 
     fn report(&self) -> MergeReport {

@@ -9,7 +9,7 @@ pub mod registry;
 pub mod train;
 
 pub use peft::{LoraAdapter, LoraPair, ModuleKey, PeftConfig, TargetModules};
-pub use registry::{AdapterInfo, AdapterRegistry, Admission, Budget, InstalledAdapter};
+pub use registry::{AdapterInfo, AdapterRegistry, Admission, Budget, InstalledAdapter, MergeOutcome, MergeProgress, MergeSpec, MergeStage};
 
 use std::path::PathBuf;
 

@@ -5,12 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::ops::ControlFlow;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::merge::{Placement, Slot, SlotBank};
+use super::merge::{self, MergeMethod, Placement, Slot, SlotBank};
 use super::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use super::{AdapterError, LoraAdapter, PeftConfig};
 
@@ -35,7 +36,7 @@ pub struct AdapterInfo {
     pub created: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstalledAdapter {
     pub name: String,
     pub dir: PathBuf,
@@ -59,7 +60,7 @@ pub struct Budget {
 }
 
 /// What [`AdapterRegistry::admit`] did with a new adapter.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "placement", rename_all = "snake_case")]
 pub enum Admission {
     Installed {
@@ -72,6 +73,54 @@ pub enum Admission {
         reconstruction_error: f64,
         members: Vec<String>,
     },
+}
+
+/// A merge of installed adapters into a new one, as a front end asks for it
+/// (`{"adapters": ["a", "b=0.5"], "into": "c", "method": {"name": "ties", "density": 0.2}}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSpec {
+    /// Installed adapters, `NAME` or `NAME=WEIGHT`.
+    pub adapters: Vec<String>,
+    pub into: String,
+    #[serde(default)]
+    pub method: MergeMethod,
+    #[serde(default = "default_merge_rank")]
+    pub rank: usize,
+    /// The operation the result is made for.
+    #[serde(default)]
+    pub operation: Option<String>,
+}
+
+fn default_merge_rank() -> usize {
+    8
+}
+
+/// Where a merge job is: loading its inputs, fitting modules, installing the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeStage {
+    Loading,
+    Merging,
+    Installing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeProgress {
+    pub stage: MergeStage,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// What a merge job made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeOutcome {
+    pub recipe: String,
+    pub admission: Admission,
+    /// Relative Frobenius error of the rank-r factors against the merged ΔW, overall and
+    /// in the worst module.
+    pub reconstruction_error: f64,
+    pub max_module_error: f64,
 }
 
 /// The adapter directory of one data dir.
@@ -167,13 +216,8 @@ impl AdapterRegistry {
         if budget.max_slots == 0 {
             return Ok(Admission::Installed { adapter: self.install(name, adapter, info)? });
         }
+        self.check_free(name)?;
         let installed = self.list()?;
-        if let Some(holder) = installed.iter().find(|a| a.name == name || a.info.merged_from.iter().any(|m| m == name)) {
-            return Err(AdapterError::Invalid {
-                path: self.path_of(name),
-                message: format!("an adapter named '{name}' is already installed (in '{}')", holder.name),
-            });
-        }
         let mut slots = Vec::with_capacity(installed.len());
         for existing in &installed {
             let members =
@@ -236,6 +280,81 @@ impl AdapterRegistry {
         }
         let adapter = LoraAdapter::load(&installed.dir)?;
         adapter.save(dest)
+    }
+
+    /// Fails when `name` is installed, or merged into an installed adapter.
+    fn check_free(&self, name: &str) -> Result<(), AdapterError> {
+        check_name(name)?;
+        if let Some(holder) = self.list()?.iter().find(|a| a.name == name || a.info.merged_from.iter().any(|m| m == name)) {
+            let place = if holder.name == name { String::new() } else { format!(" (in '{}')", holder.name) };
+            return Err(AdapterError::Invalid {
+                path: self.path_of(name),
+                message: format!("an adapter named '{name}' is already installed{place}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Installed adapters given as `NAME` or `NAME=WEIGHT` (weight 1), loaded.
+    pub fn load_weighted(&self, specs: &[String]) -> Result<Vec<(String, LoraAdapter, f32)>, AdapterError> {
+        specs
+            .iter()
+            .map(|spec| {
+                let (name, weight) = match spec.rsplit_once('=') {
+                    Some((name, weight)) => (
+                        name,
+                        weight.parse::<f32>().map_err(|_| AdapterError::Invalid {
+                            path: PathBuf::from(spec),
+                            message: format!("merge weight '{weight}' is not a number"),
+                        })?,
+                    ),
+                    None => (spec.as_str(), 1.0),
+                };
+                let installed = self.get(name)?;
+                Ok((name.to_owned(), LoraAdapter::load(&installed.dir)?, weight))
+            })
+            .collect()
+    }
+
+    /// Merges installed adapters as `spec` says and installs the result within `budget`,
+    /// reporting progress; `Break` from `on_progress` cancels the job before anything is
+    /// installed (installing itself is not interrupted).
+    pub fn merge(
+        &self,
+        spec: &MergeSpec,
+        budget: Budget,
+        on_progress: &mut dyn FnMut(MergeProgress) -> ControlFlow<()>,
+    ) -> Result<MergeOutcome, AdapterError> {
+        self.check_free(&spec.into)?;
+        let cancelled = || AdapterError::Merge(merge::MergeError::Cancelled);
+        let total = spec.adapters.len();
+        let mut inputs = Vec::with_capacity(total);
+        for (done, one) in spec.adapters.iter().enumerate() {
+            if on_progress(MergeProgress { stage: MergeStage::Loading, done, total }).is_break() {
+                return Err(cancelled());
+            }
+            inputs.extend(self.load_weighted(std::slice::from_ref(one))?);
+        }
+        let weighted: Vec<(&LoraAdapter, f32)> = inputs.iter().map(|(_, adapter, weight)| (adapter, *weight)).collect();
+        let merged = merge::merge(&weighted, spec.method, spec.rank, &mut |done, total| {
+            on_progress(MergeProgress { stage: MergeStage::Merging, done, total })
+        })?;
+        let _ = on_progress(MergeProgress { stage: MergeStage::Installing, done: 0, total: 1 });
+        let recipe = spec.method.recipe(spec.rank);
+        let info = AdapterInfo {
+            operation: spec.operation.clone(),
+            source: Some(format!("merge: {recipe} of {}", spec.adapters.join(" "))),
+            merged_from: inputs.into_iter().map(|(name, ..)| name).collect(),
+            created: crate::memory::now(),
+        };
+        let admission = self.admit(&spec.into, &merged.adapter, &info, budget)?;
+        let _ = on_progress(MergeProgress { stage: MergeStage::Installing, done: 1, total: 1 });
+        Ok(MergeOutcome {
+            recipe,
+            admission,
+            reconstruction_error: merged.report.overall,
+            max_module_error: merged.report.max_module_error(),
+        })
     }
 
     /// Uninstalls `name` and unbinds it from every operation; returns those operations.

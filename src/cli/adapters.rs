@@ -1,11 +1,13 @@
 //! `memlora adapters …`: the installed LoRA adapters, their operation bindings, the
 //! storage budget and data-free merging.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use anyhow::Context;
-use memlora::adapters::merge::{self, Merged};
-use memlora::adapters::{AdapterInfo, AdapterRegistry, Admission, InstalledAdapter, LoraAdapter};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use memlora::adapters::merge::{self, MergeMethod};
+use memlora::adapters::{AdapterRegistry, Admission, InstalledAdapter, LoraAdapter, MergeOutcome, MergeProgress, MergeSpec, MergeStage};
 use serde_json::json;
 
 use super::Env;
@@ -175,44 +177,31 @@ pub fn run(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
             println!("{operation} now runs on the base model");
         }
         AdaptersCommand::Merge { adapters, into, method, rank, density, drop, seed, op, json } => {
-            let inputs = load_weighted(&registry, &adapters)?;
-            let weighted: Vec<(&LoraAdapter, f32)> = inputs.iter().map(|(_, adapter, weight)| (adapter, *weight)).collect();
-            let Merged { adapter, report } = match method {
-                Method::Linear => merge::linear(&weighted, rank)?,
-                Method::Ties => merge::ties(&weighted, density, rank)?,
-                Method::Dare => merge::dare(&weighted, drop, seed, rank)?,
+            let method = match method {
+                Method::Linear => MergeMethod::Linear,
+                Method::Ties => MergeMethod::Ties { density },
+                Method::Dare => MergeMethod::Dare { drop_rate: drop, seed },
             };
-            let names: Vec<String> = inputs.iter().map(|(name, ..)| name.clone()).collect();
-            let recipe = match method {
-                Method::Linear => format!("linear r={rank}"),
-                Method::Ties => format!("ties density={density} r={rank}"),
-                Method::Dare => format!("dare drop={drop} seed={seed} r={rank}"),
-            };
-            let info = AdapterInfo {
-                operation: op,
-                source: Some(format!("merge: {recipe} of {}", adapters.join(" "))),
-                merged_from: names,
-                created: memlora::memory::now(),
-            };
-            let admission = registry.admit(&into, &adapter, &info, env.budget())?;
+            let spec = MergeSpec { adapters, into, method, rank, operation: op };
+            let bar = if json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+            bar.set_style(
+                ProgressStyle::with_template("{msg:16!} {bar:30} {pos:>4}/{len:<4} {elapsed_precise}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let outcome = registry.merge(&spec, env.budget(), &mut |progress| {
+                show_merge_progress(&bar, progress);
+                ControlFlow::Continue(())
+            });
+            bar.finish_and_clear();
+            let outcome = outcome?;
             if json {
-                println!(
-                    "{}",
-                    json!({"admission": admission, "reconstruction_error": report.overall, "max_module_error": report.max_module_error()})
-                );
+                println!("{}", serde_json::to_string(&outcome)?);
             } else {
-                // TIES and DARE make a full-rank ΔW; the error is measured against it.
-                println!(
-                    "merged {} → '{into}' ({recipe}); rank-{rank} reconstruction error of the merged ΔW: {:.2} % overall, {:.2} % worst module",
-                    adapters.join(" + "),
-                    100.0 * report.overall,
-                    100.0 * report.max_module_error()
-                );
-                print_admission(&admission);
+                print_merge_outcome(&spec, &outcome);
             }
         }
         AdaptersCommand::ShareReport { adapters, rank, clusters, json } => {
-            let inputs = load_weighted(&registry, &adapters)?;
+            let inputs = registry.load_weighted(&adapters)?;
             let named: Vec<(&str, &LoraAdapter)> = inputs.iter().map(|(name, adapter, _)| (name.as_str(), adapter)).collect();
             let rows = merge::report(&named, &clusters, rank)?;
             if json {
@@ -239,21 +228,29 @@ pub fn run(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `NAME` or `NAME=WEIGHT` of installed adapters, loaded.
-fn load_weighted(registry: &AdapterRegistry, specs: &[String]) -> anyhow::Result<Vec<(String, LoraAdapter, f32)>> {
-    specs
-        .iter()
-        .map(|spec| {
-            let (name, weight) = match spec.rsplit_once('=') {
-                Some((name, weight)) => {
-                    (name, weight.parse::<f32>().with_context(|| format!("'{spec}': weight '{weight}' is not a number"))?)
-                }
-                None => (spec.as_str(), 1.0),
-            };
-            let installed = registry.get(name)?;
-            Ok((name.to_owned(), LoraAdapter::load(&installed.dir)?, weight))
-        })
-        .collect()
+fn show_merge_progress(bar: &indicatif::ProgressBar, progress: MergeProgress) {
+    let stage = match progress.stage {
+        MergeStage::Loading => "loading",
+        MergeStage::Merging => "merging modules",
+        MergeStage::Installing => "installing",
+    };
+    bar.set_length(progress.total as u64);
+    bar.set_position(progress.done as u64);
+    bar.set_message(stage);
+}
+
+pub(super) fn print_merge_outcome(spec: &MergeSpec, outcome: &MergeOutcome) {
+    // TIES and DARE make a full-rank ΔW; the error is measured against it.
+    println!(
+        "merged {} → '{}' ({}); rank-{} reconstruction error of the merged ΔW: {:.2} % overall, {:.2} % worst module",
+        spec.adapters.join(" + "),
+        spec.into,
+        outcome.recipe,
+        spec.rank,
+        100.0 * outcome.reconstruction_error,
+        100.0 * outcome.max_module_error
+    );
+    print_admission(&outcome.admission);
 }
 
 fn print_adapter(adapter: &InstalledAdapter, serves: &[String]) {

@@ -35,7 +35,7 @@ pub fn run(env: &Env) -> anyhow::Result<ExitCode> {
     let mut worker_thread = None;
     let outcome = tui::run(options, || {
         let assistant = env.open_assistant(&model, &[], env.sampling())?;
-        let (handle, thread) = worker::spawn(assistant, model.clone());
+        let (handle, thread) = worker::spawn(assistant, model.clone(), env.adapter_storage()?);
         worker_thread = Some(thread);
         Ok(handle)
     })?;

@@ -27,7 +27,7 @@ const MAX_LINE_BYTES: usize = 1 << 20;
 pub fn run(env: &Env, args: BatchArgs) -> anyhow::Result<bool> {
     let model = args.model.unwrap_or_else(|| env.config.model.clone());
     let assistant = env.open_assistant(&model, &[], env.sampling())?;
-    let (handle, thread) = worker::spawn(assistant, model);
+    let (handle, thread) = worker::spawn(assistant, model, env.adapter_storage()?);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let all_ok = runtime.block_on(serve_stdin(&handle))?;
     drop(handle);

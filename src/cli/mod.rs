@@ -206,6 +206,11 @@ impl Env {
         Budget { max_slots: a.max_slots, threshold: (a.merge_threshold > 0.0).then_some(a.merge_threshold), rank: a.merge_rank.max(1) }
     }
 
+    /// The profile's adapters and their budget, for the worker's merge jobs.
+    pub fn adapter_storage(&self) -> anyhow::Result<memlora::worker::AdapterStorage> {
+        Ok(memlora::worker::AdapterStorage { registry: AdapterRegistry::open(&self.paths.data_dir)?, budget: self.budget() })
+    }
+
     /// The config's sampling settings.
     pub fn sampling(&self) -> SamplingParams {
         let g = &self.config.generation;

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use memlora::adapters::merge::MergeMethod;
+use memlora::adapters::MergeSpec;
 use memlora::memory::MemoryId;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -12,6 +14,7 @@ pub enum Command {
     Search(String),
     Undo,
     Ingest(PathBuf),
+    Merge(MergeSpec),
     Adapters,
     Model,
     Clear,
@@ -20,7 +23,7 @@ pub enum Command {
 }
 
 /// Every command with its usage, for /help.
-pub const COMMANDS: [(&str, &str); 11] = [
+pub const COMMANDS: [(&str, &str); 12] = [
     ("/image PATH", "attach an image (a preview only: the vision model is not available yet)"),
     ("/remember TEXT", "store TEXT as a memory, as written"),
     ("/forget ID", "forget memory #ID"),
@@ -28,6 +31,10 @@ pub const COMMANDS: [(&str, &str); 11] = [
     ("/undo", "revert the last change to memory"),
     ("/ingest PATH", "feed a conversation file through the memory pipeline (a background job)"),
     ("/adapters", "show the adapters pane"),
+    (
+        "/merge A B[=W]… --into NAME",
+        "merge installed adapters (--method linear|ties|dare, --rank N, --density D, --drop P, --seed S, --op OP); a background job",
+    ),
     ("/model", "show the model in the chat"),
     ("/clear", "clear the chat (memories stay)"),
     ("/help", "keys and commands"),
@@ -68,6 +75,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "undo" => no_argument(Command::Undo),
         "ingest" => Ok(Command::Ingest(expand_home(&needs("a path", "PATH")?))),
         "adapters" => no_argument(Command::Adapters),
+        "merge" => parse_merge(&needs("adapters and a name", "A B --into NAME")?).map(Command::Merge),
         "model" => no_argument(Command::Model),
         "clear" => no_argument(Command::Clear),
         "help" | "?" => no_argument(Command::Help),
@@ -75,6 +83,43 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "" => Err("a command name goes after the /; /help lists them".into()),
         other => Err(format!("unknown command /{other}; /help lists the commands")),
     }
+}
+
+/// `A B=0.5 --into C --method ties --density 0.3 --rank 8 --op generate`.
+fn parse_merge(argument: &str) -> Result<MergeSpec, String> {
+    let mut adapters = Vec::new();
+    let (mut into, mut method, mut rank, mut operation) = (None, "linear".to_owned(), 8, None);
+    let (mut density, mut drop_rate, mut seed) = (0.2f32, 0.9f32, 7u64);
+    let mut words = argument.split_whitespace();
+    while let Some(word) = words.next() {
+        let Some(option) = word.strip_prefix("--") else {
+            adapters.push(word.to_owned());
+            continue;
+        };
+        let value = words.next().ok_or_else(|| format!("/merge: --{option} needs a value"))?;
+        let number = |what: &str| format!("/merge: --{option} needs {what}, not '{value}'");
+        match option {
+            "into" => into = Some(value.to_owned()),
+            "method" => method = value.to_owned(),
+            "rank" => rank = value.parse().ok().filter(|r| *r > 0).ok_or_else(|| number("a rank of at least 1"))?,
+            "density" => density = value.parse().map_err(|_| number("a number"))?,
+            "drop" => drop_rate = value.parse().map_err(|_| number("a number"))?,
+            "seed" => seed = value.parse().map_err(|_| number("a whole number"))?,
+            "op" => operation = Some(value.to_owned()),
+            other => return Err(format!("/merge: unknown option --{other}")),
+        }
+    }
+    let method = match method.as_str() {
+        "linear" => MergeMethod::Linear,
+        "ties" => MergeMethod::Ties { density },
+        "dare" => MergeMethod::Dare { drop_rate, seed },
+        other => return Err(format!("/merge: --method is linear, ties or dare, not '{other}'")),
+    };
+    let into = into.ok_or("/merge needs --into NAME, the name of the merged adapter")?;
+    if adapters.is_empty() {
+        return Err("/merge needs the adapters to merge: /merge A B --into NAME".into());
+    }
+    Ok(MergeSpec { adapters, into, method, rank, operation })
 }
 
 fn expand_home(path: &str) -> PathBuf {
@@ -102,12 +147,38 @@ mod tests {
         assert_eq!(parse("/undo"), Ok(Command::Undo));
         assert_eq!(parse("/ingest chat.txt"), Ok(Command::Ingest(PathBuf::from("chat.txt"))));
         assert_eq!(parse("/clear"), Ok(Command::Clear));
+        let spec = |adapters: &[&str], method| MergeSpec {
+            adapters: adapters.iter().map(|a| a.to_string()).collect(),
+            into: "c".into(),
+            method,
+            rank: 8,
+            operation: None,
+        };
+        assert_eq!(parse("/merge a b --into c"), Ok(Command::Merge(spec(&["a", "b"], MergeMethod::Linear))));
+        assert_eq!(
+            parse("/merge a=0.5 --method ties --density 0.3 b --into c"),
+            Ok(Command::Merge(spec(&["a=0.5", "b"], MergeMethod::Ties { density: 0.3 })))
+        );
+        assert_eq!(
+            parse("/merge a b --into c --method dare --drop 0.5 --seed 3 --rank 4 --op extract"),
+            Ok(Command::Merge(MergeSpec {
+                rank: 4,
+                operation: Some("extract".into()),
+                ..spec(&["a", "b"], MergeMethod::Dare { drop_rate: 0.5, seed: 3 })
+            }))
+        );
         if let Some(home) = std::env::var_os("HOME") {
             assert_eq!(parse("/image ~/a.png"), Ok(Command::Image(PathBuf::from(home).join("a.png"))));
         }
         // Every documented command parses.
         for (usage, _) in COMMANDS {
-            let example = usage.replace("PATH", "x").replace("TEXT", "x").replace("ID", "1").replace("QUERY", "x");
+            let example = usage
+                .replace("PATH", "x")
+                .replace("TEXT", "x")
+                .replace("ID", "1")
+                .replace("QUERY", "x")
+                .replace("[=W]…", "")
+                .replace(" NAME", " n");
             assert!(parse(&example).is_ok(), "{usage}");
         }
     }
@@ -121,5 +192,11 @@ mod tests {
         assert_eq!(parse("/search  "), Err("/search needs a query: /search QUERY".into()));
         assert_eq!(parse("/quit now"), Err("/quit takes no argument".into()));
         assert!(parse("/").unwrap_err().contains("/help"));
+        assert_eq!(parse("/merge a b"), Err("/merge needs --into NAME, the name of the merged adapter".into()));
+        assert_eq!(parse("/merge --into c"), Err("/merge needs the adapters to merge: /merge A B --into NAME".into()));
+        assert_eq!(parse("/merge a --into"), Err("/merge: --into needs a value".into()));
+        assert_eq!(parse("/merge a --into c --method avg"), Err("/merge: --method is linear, ties or dare, not 'avg'".into()));
+        assert_eq!(parse("/merge a --into c --rank 0"), Err("/merge: --rank needs a rank of at least 1, not '0'".into()));
+        assert_eq!(parse("/merge a --into c --frob 1"), Err("/merge: unknown option --frob".into()));
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossterm::event::{KeyEvent, KeyEventKind};
 use image::DynamicImage;
+use memlora::adapters::{Admission, MergeProgress, MergeStage};
 use memlora::memory::{MemoryId, OpKind};
 use memlora::worker::{Binding, Event, Hit, MemoryNotice, Request};
 use ratatui::layout::{Rect, Size};
@@ -148,15 +149,26 @@ pub struct ImageView {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
-    Ask { answered: bool },
+    Ask {
+        answered: bool,
+    },
     Remember,
     Forget(MemoryId),
     Edit(MemoryId),
     Undo,
     Search,
-    Ingest { path: PathBuf, done: usize, total: usize },
+    Ingest {
+        path: PathBuf,
+        done: usize,
+        total: usize,
+    },
     Memories,
     Adapters,
+    /// A merge job; its progress arrives as it runs.
+    Merge {
+        into: String,
+        progress: Option<MergeProgress>,
+    },
 }
 
 impl Job {
@@ -184,6 +196,12 @@ impl Job {
             }
             Job::Memories => "loading memories".into(),
             Job::Adapters => "loading adapters".into(),
+            Job::Merge { into, progress } => match progress {
+                None => format!("merge → {into}"),
+                Some(MergeProgress { stage: MergeStage::Loading, done, total }) => format!("merge → {into}: loading {done}/{total}"),
+                Some(MergeProgress { stage: MergeStage::Merging, done, total }) => format!("merge → {into}: module {done}/{total}"),
+                Some(MergeProgress { stage: MergeStage::Installing, .. }) => format!("merge → {into}: installing"),
+            },
         }
     }
 }
@@ -530,6 +548,25 @@ impl AppState {
                 }
             }
             Event::Adapters { bindings } => self.bindings = Some(bindings),
+            Event::MergeProgress { progress } => {
+                if let Job::Merge { into, .. } = job {
+                    self.pending[index].job = Job::Merge { into, progress: Some(progress) };
+                }
+            }
+            Event::Merged { outcome } => {
+                let placed = match &outcome.admission {
+                    Admission::Installed { adapter } => format!("installed '{}'", adapter.name),
+                    Admission::Merged { into, members, .. } => {
+                        format!("the adapter budget is full: merged into '{into}', which now stands for {}", members.join(", "))
+                    }
+                };
+                self.chat.push(ChatEntry::Note(format!(
+                    "merge done ({}; re-factorisation error {:.2} %): {placed}",
+                    outcome.recipe,
+                    100.0 * outcome.reconstruction_error
+                )));
+                return vec![Effect::ScanAdapters, self.submit(Job::Adapters, Request::Adapters)];
+            }
             Event::Status { .. } => {}
             Event::Error { message } => match job {
                 Job::Ask { answered } => {
@@ -987,6 +1024,16 @@ impl AppState {
                 let request = Request::Ingest { path: path.clone(), format: None, conversations: Vec::new(), sessions: None };
                 return vec![self.submit(Job::Ingest { path, done: 0, total: 0 }, request)];
             }
+            Command::Merge(spec) => {
+                self.chat.push(ChatEntry::Note(format!(
+                    "merging {} into '{}' ({}; progress in the adapters pane)",
+                    spec.adapters.join(" + "),
+                    spec.into,
+                    spec.method.recipe(spec.rank)
+                )));
+                let job = Job::Merge { into: spec.into.clone(), progress: None };
+                return vec![self.submit(job, Request::MergeAdapters(spec))];
+            }
             Command::Adapters => {
                 self.set_focus(Pane::Adapters);
                 return vec![Effect::ScanAdapters, self.submit(Job::Adapters, Request::Adapters)];
@@ -1011,7 +1058,7 @@ impl AppState {
     fn stop_running(&mut self) -> Vec<Effect> {
         let mut effects = Vec::new();
         for pending in &mut self.pending {
-            let stoppable = matches!(pending.job, Job::Ask { answered: false } | Job::Ingest { .. });
+            let stoppable = matches!(pending.job, Job::Ask { answered: false } | Job::Ingest { .. } | Job::Merge { .. });
             if stoppable && !pending.cancelled {
                 pending.cancelled = true;
                 effects.push(Effect::Cancel(pending.id));
@@ -1056,7 +1103,10 @@ impl AppState {
             return self.force_quit();
         }
         if self.memory_operations().is_empty() {
-            return vec![Effect::Exit];
+            // A merge in flight is cancelled: it installs nothing then.
+            let mut effects = self.stop_running();
+            effects.push(Effect::Exit);
+            return effects;
         }
         self.quitting = true;
         self.help = None;

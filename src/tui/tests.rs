@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use memlora::adapters::{Admission, MergeOutcome, MergeProgress, MergeStage};
 use memlora::config::KeyOverrides;
 use memlora::memory::pipeline::{AppliedChange, TurnReport, UsedMemory};
 use memlora::memory::transfer::MemoryRecord;
@@ -17,7 +18,7 @@ use ratatui::Terminal;
 
 use super::action::Action;
 use super::keymap::Keymap;
-use super::state::{AppState, ChatEntry, Effect, ImageStatus, Input, Mark, Pane, Settings, MARK_FADE};
+use super::state::{AppState, ChatEntry, Effect, ImageStatus, Input, Job, Mark, Pane, Settings, MARK_FADE};
 use super::view;
 
 fn settings(keymap: &str) -> Settings {
@@ -224,6 +225,59 @@ fn snapshot_wide_adapters_pane() {
     assert!(
         text.contains("extract   extract-expert") && text.contains("budget    2 of 4 slots used") && text.contains("extract-expert, style")
     );
+}
+
+#[test]
+fn snapshot_a_merge_job_shows_its_progress_in_the_adapters_pane() {
+    let mut state = app("default", (120, 40));
+    let (id, request) = only(&send(&mut state, "/merge extract-expert style=0.5 --into blend --method ties"));
+    let Request::MergeAdapters(spec) = request else { panic!("{request:?}") };
+    assert_eq!((spec.adapters.join(" "), spec.into.as_str()), ("extract-expert style=0.5".into(), "blend"));
+    for (stage, done, total) in [(MergeStage::Loading, 0, 2), (MergeStage::Loading, 1, 2), (MergeStage::Merging, 12, 30)] {
+        state.update(Input::Worker { id, event: Some(Event::MergeProgress { progress: MergeProgress { stage, done, total } }) });
+    }
+    let terminal = render(&state);
+    insta::assert_snapshot!("wide_adapters_merging", terminal.backend());
+    let text = screen_text(&terminal);
+    assert!(text.contains("merging   blend  ▰▰▰▰▱▱▱▱▱▱ module 12/30"), "{text}");
+    assert!(text.contains("merge → blend: module 12/30"), "the status line shows the job too: {text}");
+
+    // Done: a note, and the pane reloads the installed adapters and the bindings.
+    let outcome = MergeOutcome {
+        recipe: "ties density=0.2 r=8".into(),
+        admission: Admission::Merged {
+            into: "style".into(),
+            similarity: 0.8,
+            reconstruction_error: 0.01,
+            members: vec!["style".into(), "blend".into()],
+        },
+        reconstruction_error: 0.0123,
+        max_module_error: 0.02,
+    };
+    let effects = worker(&mut state, id, vec![Event::Merged { outcome }]);
+    assert!(matches!(effects.as_slice(), [Effect::ScanAdapters, Effect::Submit { request: Request::Adapters, .. }]), "{effects:?}");
+    assert!(state.pending.iter().all(|p| !matches!(p.job, Job::Merge { .. })));
+    let Some(ChatEntry::Note(note)) = state.chat.last() else { panic!() };
+    assert_eq!(
+        note,
+        "merge done (ties density=0.2 r=8; re-factorisation error 1.23 %): the adapter budget is full: merged into 'style', which now stands for style, blend"
+    );
+}
+
+#[test]
+fn quitting_cancels_a_running_merge_and_esc_stops_one() {
+    let mut state = app("default", (120, 40));
+    let (id, _) = only(&send(&mut state, "/merge a b --into c"));
+    let effects = state.update(ctrl('q'));
+    assert!(matches!(effects.as_slice(), [Effect::Cancel(cancelled), Effect::Exit] if *cancelled == id), "{effects:?}");
+
+    let mut state = app("default", (120, 40));
+    let (id, _) = only(&send(&mut state, "/merge a b --into c"));
+    let effects = state.update(key(KeyCode::Esc));
+    assert!(matches!(effects.as_slice(), [Effect::Cancel(cancelled)] if *cancelled == id), "{effects:?}");
+    worker(&mut state, id, vec![Event::Error { message: "the merge was cancelled".into() }]);
+    let Some(ChatEntry::Error(error)) = state.chat.last() else { panic!() };
+    assert_eq!(error, "merge → c: the merge was cancelled");
 }
 
 #[test]

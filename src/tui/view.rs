@@ -16,7 +16,8 @@ use super::action::Action;
 use super::command::COMMANDS;
 use super::keymap::Section;
 use super::markdown::{self, Para};
-use super::state::{AppState, ChatEntry, ImageStatus, Mark, Pane};
+use super::state::{AppState, ChatEntry, ImageStatus, Job, Mark, Pane};
+use memlora::adapters::{MergeProgress, MergeStage};
 use memlora::memory::OpKind;
 
 pub const WIDE_MIN: (u16, u16) = (100, 30);
@@ -385,7 +386,30 @@ fn adapter_lines(state: &AppState, width: u16) -> Vec<Line<'static>> {
         (slots, _) => Span::raw(format!("{slots} slots")),
     };
     lines.push(Line::from(vec![Span::raw(format!("{:<10}", "budget")), budget]));
+    for pending in &state.pending {
+        if let Job::Merge { into, progress } = &pending.job {
+            lines.push(Line::from(vec![Span::raw(format!("{:<10}", "merging")), Span::raw(merge_gauge(into, progress.as_ref()))]));
+        }
+    }
     lines.into_iter().flat_map(|line| markdown::wrap(&Para { line, hang: 10 }, usize::from(width))).collect()
+}
+
+/// `into  ▰▰▰▰▱▱▱▱▱▱ module 12/30`: a job's progress in text, so that it wraps with the pane.
+fn merge_gauge(into: &str, progress: Option<&MergeProgress>) -> String {
+    const CELLS: usize = 10;
+    let Some(progress) = progress else { return format!("{into}  waiting") };
+    let fraction = match progress.stage {
+        MergeStage::Loading => 0.0,
+        MergeStage::Merging => progress.done as f64 / progress.total.max(1) as f64,
+        MergeStage::Installing => 1.0,
+    };
+    let filled = ((fraction * CELLS as f64).round() as usize).min(CELLS);
+    let stage = match progress.stage {
+        MergeStage::Loading => format!("loading {}/{}", progress.done, progress.total),
+        MergeStage::Merging => format!("module {}/{}", progress.done, progress.total),
+        MergeStage::Installing => "installing".into(),
+    };
+    format!("{into}  {}{} {stage}", "▰".repeat(filled), "▱".repeat(CELLS - filled))
 }
 
 fn draw_adapters(frame: &mut Frame, area: Rect, state: &AppState) {
@@ -502,7 +526,7 @@ fn draw_status(frame: &mut Frame, area: Rect, state: &AppState) {
         Span::raw(format!("{} memories", state.memory_count())),
     ];
     for pending in &state.pending {
-        if let super::state::Job::Ingest { .. } = pending.job {
+        if let Job::Ingest { .. } | Job::Merge { .. } = pending.job {
             left.push(sep());
             left.push(Span::styled(pending.job.describe(), Style::new().fg(Color::Magenta)));
         }

@@ -6,6 +6,10 @@
 //!
 //! Model work is blocking (candle), so the worker runs on its own OS thread and the async
 //! front ends never wait on it: they await their reply channel.
+//!
+//! Adapter merges need no model, so they run on a second thread, one job at a time, and
+//! chat goes on meanwhile. When a merge rewrites an adapter that an operation runs with,
+//! the worker attaches the new version between two requests.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -15,6 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::adapters::{AdapterRegistry, Admission, Budget, LoraAdapter, MergeOutcome, MergeProgress, MergeSpec};
 use crate::assistant::{self, Assistant};
 use crate::memory::pipeline::{AppliedChange, TurnReport, UsedMemory};
 use crate::memory::transfer::MemoryRecord;
@@ -67,6 +72,9 @@ pub enum Request {
     },
     /// The adapters bound to each memory operation.
     Adapters,
+    /// Merge installed adapters into a new one (a background job: other requests are
+    /// served meanwhile).
+    MergeAdapters(MergeSpec),
     /// Model, memory count and adapters, for a status line.
     Status,
 }
@@ -112,6 +120,14 @@ pub enum Event {
     },
     Adapters {
         bindings: Vec<Binding>,
+    },
+    /// Where a merge job is.
+    MergeProgress {
+        progress: MergeProgress,
+    },
+    /// A merge job's result, installed.
+    Merged {
+        outcome: MergeOutcome,
     },
     Status {
         status: Status,
@@ -177,10 +193,25 @@ struct Job {
     cancel: CancelToken,
 }
 
+/// What the worker thread does next.
+enum Work {
+    Serve(Job),
+    /// Installed adapter `name` changed on disk.
+    AdapterChanged(String),
+}
+
+/// Where merge jobs install adapters, and within which storage budget.
+#[derive(Debug, Clone)]
+pub struct AdapterStorage {
+    pub registry: AdapterRegistry,
+    pub budget: Budget,
+}
+
 /// The front ends' side of the worker. Cloning it gives another front end.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    jobs: mpsc::UnboundedSender<Job>,
+    work: mpsc::UnboundedSender<Work>,
+    adapter_jobs: mpsc::UnboundedSender<Job>,
     notices: broadcast::Sender<MemoryNotice>,
 }
 
@@ -190,7 +221,14 @@ impl WorkerHandle {
         let (reply, events) = mpsc::unbounded_channel();
         let cancel = CancelToken::default();
         let job = Job { request, reply, cancel: cancel.clone() };
-        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
+        let refused = match job.request {
+            Request::MergeAdapters(_) => self.adapter_jobs.send(job).err().map(|e| e.0),
+            _ => self.work.send(Work::Serve(job)).err().and_then(|e| match e.0 {
+                Work::Serve(job) => Some(job),
+                Work::AdapterChanged(_) => None,
+            }),
+        };
+        if let Some(job) = refused {
             let _ = job.reply.send(Event::Error { message: "the worker has stopped".into() });
             let _ = job.reply.send(Event::Done);
         }
@@ -203,31 +241,99 @@ impl WorkerHandle {
     }
 }
 
-/// Starts the worker thread with `assistant`; it stops when every handle is dropped, after
-/// finishing the request it is serving (so a memory operation in flight becomes durable).
-pub fn spawn(assistant: Assistant, model_name: String) -> (WorkerHandle, std::thread::JoinHandle<()>) {
-    let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+/// Starts the worker thread with `assistant` (and the thread of adapter jobs on
+/// `adapters`); they stop when every handle is dropped, after finishing the request they
+/// are serving (so a memory operation in flight becomes durable). The returned thread
+/// ends after both.
+pub fn spawn(assistant: Assistant, model_name: String, adapters: AdapterStorage) -> (WorkerHandle, std::thread::JoinHandle<()>) {
+    let (work, mut queue) = mpsc::unbounded_channel::<Work>();
+    let (adapter_jobs, adapter_queue) = mpsc::unbounded_channel::<Job>();
     let (notices, _) = broadcast::channel(256);
-    let handle = WorkerHandle { jobs, notices: notices.clone() };
+    let handle = WorkerHandle { work: work.clone(), adapter_jobs, notices: notices.clone() };
+    // A weak sender: the adapter thread must not keep the worker alive.
+    let changed = work.downgrade();
+    drop(work);
+    let registry = adapters.registry.clone();
+    let adapter_thread = std::thread::Builder::new()
+        .name("memlora-adapter-jobs".into())
+        .spawn(move || run_adapter_jobs(adapter_queue, adapters, changed))
+        .unwrap_or_else(|error| panic!("cannot start the adapter jobs thread: {error}"));
     let thread = std::thread::Builder::new()
         .name("memlora-worker".into())
         .spawn(move || {
-            let mut worker = Worker { assistant, model_name, notices };
-            while let Some(job) = queue.blocking_recv() {
-                worker.serve(job);
+            let mut worker = Worker { assistant, model_name, notices, registry };
+            while let Some(work) = queue.blocking_recv() {
+                match work {
+                    Work::Serve(job) => worker.serve(job),
+                    Work::AdapterChanged(name) => worker.reload_adapter(&name),
+                }
             }
+            let _ = adapter_thread.join();
         })
         .unwrap_or_else(|error| panic!("cannot start the worker thread: {error}"));
     (handle, thread)
+}
+
+/// Serves merge jobs in order; tells the worker about adapters they rewrote.
+fn run_adapter_jobs(mut queue: mpsc::UnboundedReceiver<Job>, storage: AdapterStorage, changed: mpsc::WeakUnboundedSender<Work>) {
+    while let Some(Job { request, reply, cancel }) = queue.blocking_recv() {
+        let send = |event: Event| {
+            let _ = reply.send(event);
+        };
+        let Request::MergeAdapters(spec) = request else {
+            send(Event::Error { message: "not an adapter job".into() });
+            send(Event::Done);
+            continue;
+        };
+        if cancel.is_cancelled() {
+            send(Event::Error { message: "cancelled before it started".into() });
+            send(Event::Done);
+            continue;
+        }
+        let merged = storage.registry.merge(&spec, storage.budget, &mut |progress| {
+            send(Event::MergeProgress { progress });
+            if cancel.is_cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        match merged {
+            Ok(outcome) => {
+                // Before `Merged`: a request sent after it finds the new version attached.
+                if let Admission::Merged { into, .. } = &outcome.admission {
+                    if let Some(worker) = changed.upgrade() {
+                        let _ = worker.send(Work::AdapterChanged(into.clone()));
+                    }
+                }
+                send(Event::Merged { outcome });
+            }
+            Err(error) => send(Event::Error { message: error.to_string() }),
+        }
+        send(Event::Done);
+    }
 }
 
 struct Worker {
     assistant: Assistant,
     model_name: String,
     notices: broadcast::Sender<MemoryNotice>,
+    registry: AdapterRegistry,
 }
 
 impl Worker {
+    fn reload_adapter(&mut self, name: &str) {
+        let reloaded = LoraAdapter::load(&self.registry.path_of(name))
+            .map_err(|e| e.to_string())
+            .and_then(|adapter| self.assistant.reload_adapter(name, &adapter).map_err(|e| e.to_string()));
+        match reloaded {
+            Ok(true) => tracing::info!(adapter = name, "attached the merged version"),
+            Ok(false) => {}
+            // The old version stays attached; the next start loads the new one.
+            Err(error) => tracing::warn!(adapter = name, %error, "cannot attach the merged version"),
+        }
+    }
+
     fn serve(&mut self, job: Job) {
         let Job { request, reply, cancel } = job;
         let send = |event: Event| {
@@ -367,6 +473,7 @@ impl Worker {
                 send(Event::Progress { done: summary.turns, total: summary.turns, message: format!("ingested {} turns", summary.turns) });
             }
             Request::Adapters => send(Event::Adapters { bindings: self.bindings() }),
+            Request::MergeAdapters(_) => return Err("merges run as adapter jobs, not on the worker".into()),
             Request::Status => send(Event::Status {
                 status: Status { model: self.model_name.clone(), memories: self.assistant.store().len(), bindings: self.bindings() },
             }),
