@@ -230,6 +230,22 @@ impl Decoder {
         Ok(self.lm_head.forward(&last)?.squeeze(0)?)
     }
 
+    /// Like [`Decoder::forward_last`], with the placeholders of `splice` embedded as its
+    /// rows.
+    pub fn forward_last_spliced(&mut self, tokens: &[u32], splice: &Splice, active: ActiveAdapters) -> Result<Tensor> {
+        let mut last = None;
+        let mut used = 0;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            let hidden = self.forward_embedded(chunk, Some((splice, &mut used)), active)?;
+            last = Some(hidden.narrow(0, chunk.len() - 1, 1)?);
+        }
+        if used != splice.rows.dim(0)? {
+            return Err(EngineError::Splice(format!("{used} placeholder tokens for {} rows", splice.rows.dim(0)?)));
+        }
+        let last = last.ok_or_else(|| candle_core::Error::Msg("forward called with no tokens".into()))?;
+        Ok(self.lm_head.forward(&last)?.squeeze(0)?)
+    }
+
     /// Logits of every position, `(tokens, vocab)`; for tests and scoring.
     pub fn forward_all(&mut self, tokens: &[u32], active: ActiveAdapters) -> Result<Tensor> {
         let mut logits = Vec::new();
@@ -242,6 +258,12 @@ impl Decoder {
 
     /// Final-norm hidden states of `tokens`, appended to the cache.
     fn forward_hidden(&mut self, tokens: &[u32], active: ActiveAdapters) -> Result<Tensor> {
+        self.forward_embedded(tokens, None, active)
+    }
+
+    /// [`Decoder::forward_hidden`] with the placeholders of a splice (whose first `used`
+    /// rows went to earlier chunks) embedded as its rows.
+    fn forward_embedded(&mut self, tokens: &[u32], splice: Option<(&Splice, &mut usize)>, active: ActiveAdapters) -> Result<Tensor> {
         let seq = tokens.len();
         let start = self.cache_len;
         if start + seq > self.context {
@@ -249,6 +271,9 @@ impl Decoder {
         }
         self.reserve(start + seq)?;
         let mut x = self.embeddings.embedding(tokens)?;
+        if let Some((splice, used)) = splice {
+            x = splice.apply(&x, tokens, used)?;
+        }
         let cos = self.cos.narrow(0, start, seq)?;
         let sin = self.sin.narrow(0, start, seq)?;
         let mask = causal_mask(seq, start, self.config.num_heads / self.config.num_kv_heads, &self.device)?;
@@ -288,6 +313,42 @@ impl Decoder {
         self.cache = grown;
         self.cache_capacity = capacity;
         Ok(())
+    }
+}
+
+/// Rows that replace the embeddings of a placeholder token: the `i`-th occurrence of
+/// `token` in a prompt is embedded as row `i` of `rows` (an image's features, projected to
+/// the decoder's width).
+pub struct Splice<'a> {
+    pub token: u32,
+    pub rows: &'a Tensor,
+}
+
+impl Splice<'_> {
+    /// `embedded` (one row per token of `tokens`) with the placeholders' rows replaced,
+    /// continuing after the `used` rows already taken.
+    fn apply(&self, embedded: &Tensor, tokens: &[u32], used: &mut usize) -> Result<Tensor> {
+        if !tokens.contains(&self.token) {
+            return Ok(embedded.clone());
+        }
+        let available = self.rows.dim(0)?;
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        while at < tokens.len() {
+            let placeholder = tokens[at] == self.token;
+            let run = tokens[at..].iter().take_while(|&&t| (t == self.token) == placeholder).count();
+            if placeholder {
+                if *used + run > available {
+                    return Err(EngineError::Splice(format!("more placeholder tokens than the {available} rows")));
+                }
+                pieces.push(self.rows.narrow(0, *used, run)?.to_dtype(embedded.dtype())?);
+                *used += run;
+            } else {
+                pieces.push(embedded.narrow(0, at, run)?);
+            }
+            at += run;
+        }
+        Ok(Tensor::cat(&pieces, 0)?)
     }
 }
 

@@ -22,6 +22,10 @@ pub enum EngineError {
     PromptTooLong { prompt_tokens: usize, context: usize, reserved: usize },
     #[error("nothing to run: the prompt has no tokens")]
     EmptyPrompt,
+    #[error("image features do not fit the prompt: {0}")]
+    Splice(String),
+    #[error("image: {0}")]
+    Image(String),
     #[error("model computation failed: {}", first_line(.0))]
     Compute(#[from] candle_core::Error),
 }

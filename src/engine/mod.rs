@@ -10,6 +10,7 @@ mod lora;
 mod matrix;
 mod quant;
 mod tokenizer;
+pub mod vision;
 mod weights;
 
 use std::ops::ControlFlow;
@@ -22,7 +23,7 @@ use serde::Serialize;
 
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub(crate) use decoder::rotary_tables;
-pub use decoder::{Decoder, TargetModule};
+pub use decoder::{Decoder, Splice, TargetModule};
 pub use embedder::{cosine, Embedder};
 pub use error::{EngineError, Result};
 pub use lora::SlotId;
@@ -422,15 +423,70 @@ impl ChatModel {
         // Keep room for the answer, but never more than half the context.
         let reserve = sampling.max_tokens.min(self.decoder.context() / 2);
         let (prompt, dropped_messages) = self.prompt_tokens(messages, response_prefix, reserve)?;
+        let started = Instant::now();
+        let (logits, reusable) = self.run_prompt(&prompt, &active)?;
+        let prefilled = Prefilled { prompt_tokens: prompt.len(), reused_prompt_tokens: reusable, dropped_messages, started };
+        self.decode(logits, prefilled, sampling, &active, on_text)
+    }
+
+    /// Answers `prompt` (tokens of a rendered conversation) whose `splice.token`s are
+    /// embedded as `splice.rows` — an image's features in a vision-language model.
+    pub fn generate_spliced(
+        &mut self,
+        prompt: &[u32],
+        splice: &Splice,
+        sampling: &SamplingParams,
+        adapters: &[(String, f32)],
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let active = self.active_adapters(adapters)?;
+        let context = self.decoder.context();
+        let reserve = sampling.max_tokens.min(context / 2);
+        if prompt.len() + reserve > context {
+            return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len(), context, reserved: reserve });
+        }
+        let started = Instant::now();
+        self.reset_cache();
+        self.cached_adapters = active.clone();
+        let logits = match self.decoder.forward_last_spliced(prompt, splice, &active) {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.reset_cache();
+                return Err(e);
+            }
+        };
+        // The placeholders' cache entries hold the rows, not the token: no later prompt may
+        // reuse them as if they were that token.
+        self.cached_tokens = prompt.iter().map(|&t| if t == splice.token { NOT_A_TOKEN } else { t }).collect();
+        let prefilled = Prefilled { prompt_tokens: prompt.len(), reused_prompt_tokens: 0, dropped_messages: 0, started };
+        self.decode(logits, prefilled, sampling, &active, on_text)
+    }
+
+    /// The logits after `prompt` with `splice` (scoring, tests); nothing is cached.
+    pub fn spliced_logits(&mut self, prompt: &[u32], splice: &Splice, adapters: &[(String, f32)]) -> Result<Tensor> {
+        let active = self.active_adapters(adapters)?;
+        self.reset_cache();
+        let logits = self.decoder.forward_last_spliced(prompt, splice, &active);
+        self.reset_cache();
+        logits
+    }
+
+    /// Samples the answer from the logits after the prompt.
+    fn decode(
+        &mut self,
+        logits: Tensor,
+        prefilled: Prefilled,
+        sampling: &SamplingParams,
+        active: &[(SlotId, f32)],
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let Prefilled { prompt_tokens, reused_prompt_tokens, dropped_messages, started } = prefilled;
+        let prefill_seconds = started.elapsed().as_secs_f64();
         let mut sampler = LogitsProcessor::new(
             sampling.seed,
             (sampling.temperature > 0.0).then_some(sampling.temperature),
             (sampling.top_p > 0.0 && sampling.top_p < 1.0).then_some(sampling.top_p),
         );
-
-        let started = Instant::now();
-        let (logits, reusable) = self.run_prompt(&prompt, &active)?;
-        let prefill_seconds = started.elapsed().as_secs_f64();
 
         let mut stream = TokenTextStream::new(&self.tokenizer);
         let mut text = String::new();
@@ -468,7 +524,7 @@ impl ChatModel {
             if self.decoder.cached_tokens() >= self.decoder.context() {
                 break StopReason::ContextFull;
             }
-            let logits = self.decoder.forward_last(&[next], &active)?;
+            let logits = self.decoder.forward_last(&[next], active)?;
             self.cached_tokens.push(next);
             next = sample(&logits, &answer)?;
         };
@@ -478,8 +534,8 @@ impl ChatModel {
         }
         Ok(Generation {
             text,
-            prompt_tokens: prompt.len(),
-            reused_prompt_tokens: reusable,
+            prompt_tokens,
+            reused_prompt_tokens,
             completion_tokens,
             dropped_messages,
             stop_reason,
@@ -489,6 +545,17 @@ impl ChatModel {
         })
     }
 }
+
+/// The prompt's side of a generation, for its statistics.
+struct Prefilled {
+    prompt_tokens: usize,
+    reused_prompt_tokens: usize,
+    dropped_messages: usize,
+    started: Instant,
+}
+
+/// Stands in the cached-token list for positions that hold no token's embedding.
+const NOT_A_TOKEN: u32 = u32::MAX;
 
 /// One speed measurement in llama-bench's terms: `prompt_tokens` of prefill
 /// from an empty cache ("pp"), and `decode_steps` greedy tokens generated

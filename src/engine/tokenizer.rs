@@ -138,6 +138,11 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The id of a single token (special ones included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)
     }

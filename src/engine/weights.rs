@@ -130,8 +130,29 @@ pub struct Checkpoint {
 }
 
 enum TensorSource {
-    Gguf { content: gguf_file::Content, reader: BufReader<File>, names: HashMap<String, String> },
-    Safetensors { files: candle_core::safetensors::MmapedSafetensors },
+    Gguf {
+        content: gguf_file::Content,
+        reader: BufReader<File>,
+        names: HashMap<String, String>,
+    },
+    /// `text_prefix`: where a vision-language checkpoint keeps its decoder's `model.*`
+    /// tensors (Idefics3: `model.text_model.*`).
+    Safetensors {
+        files: candle_core::safetensors::MmapedSafetensors,
+        text_prefix: Option<&'static str>,
+    },
+}
+
+/// Where an Idefics3 (SmolVLM) checkpoint keeps the tensors that a plain decoder names
+/// `model.*`.
+const IDEFICS3_TEXT_PREFIX: &str = "model.text_model.";
+
+/// The stored name of decoder tensor `name`.
+fn stored_name<'a>(name: &'a str, text_prefix: Option<&str>) -> std::borrow::Cow<'a, str> {
+    match (text_prefix, name.strip_prefix("model.")) {
+        (Some(prefix), Some(rest)) => format!("{prefix}{rest}").into(),
+        _ => name.into(),
+    }
 }
 
 impl Checkpoint {
@@ -183,7 +204,14 @@ impl Checkpoint {
     fn open_safetensors_dir(dir: &Path, format: WeightFormat) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| bad_file(&config_path, e))?;
-        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad_file(&config_path, format!("invalid config.json: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad_file(&config_path, format!("invalid config.json: {e}")))?;
+        // A vision-language checkpoint: the decoder is described by `text_config`.
+        let (json, text_prefix) = match json.get("text_config") {
+            Some(text_config) => (text_config.clone(), Some(IDEFICS3_TEXT_PREFIX)),
+            None => (json, None),
+        };
+        let hf: HfConfig = serde_json::from_value(json).map_err(|e| bad_file(&config_path, format!("invalid config.json: {e}")))?;
         let config = hf.into_decoder_config(&config_path)?;
         let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| bad_file(dir, e))?
@@ -199,7 +227,7 @@ impl Checkpoint {
         // model files while a model is loaded.
         let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&shards) }
             .map_err(|e| bad_file(&shards[0], format!("invalid safetensors: {e}")))?;
-        Ok(Self { path: dir.to_path_buf(), config, gguf_metadata: None, source: TensorSource::Safetensors { files }, format })
+        Ok(Self { path: dir.to_path_buf(), config, gguf_metadata: None, source: TensorSource::Safetensors { files, text_prefix }, format })
     }
 
     pub fn is_gguf(&self) -> bool {
@@ -209,7 +237,7 @@ impl Checkpoint {
     pub fn has(&self, name: &str) -> bool {
         match &self.source {
             TensorSource::Gguf { content, names, .. } => names.get(name).is_some_and(|g| content.tensor_infos.contains_key(g)),
-            TensorSource::Safetensors { files } => files.get(name).is_ok(),
+            TensorSource::Safetensors { files, text_prefix } => files.get(&stored_name(name, *text_prefix)).is_ok(),
         }
     }
 
@@ -218,8 +246,9 @@ impl Checkpoint {
         let path = self.path.clone();
         let t = match &mut self.source {
             TensorSource::Gguf { .. } => self.quantized_raw(name, device)?.dequantize(device)?,
-            TensorSource::Safetensors { files } => {
-                files.load(name, device).map_err(|e| bad_file(&path, format!("tensor {name}: {e}")))?.to_dtype(DType::F32)?
+            TensorSource::Safetensors { files, text_prefix } => {
+                let name = stored_name(name, *text_prefix);
+                files.load(&name, device).map_err(|e| bad_file(&path, format!("tensor {name}: {e}")))?.to_dtype(DType::F32)?
             }
         };
         Ok(t)

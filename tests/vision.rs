@@ -1,0 +1,113 @@
+//! The vision-language model with tiny random SmolVLM checkpoints written here with the
+//! real tensor names and loaded through the real loader.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{max_abs_diff, tiny_smolvlm_decoder, write_tiny_smolvlm, write_tiny_smolvlm_with};
+use image::{DynamicImage, Rgb, RgbImage};
+use memlora::adapters::LoraAdapter;
+use memlora::engine::vision::VisionLanguageModel;
+use memlora::engine::{LoadOptions, SamplingParams, TargetModule};
+
+fn picture(colour: [u8; 3]) -> DynamicImage {
+    let mut image = RgbImage::from_pixel(40, 30, Rgb([255, 255, 255]));
+    for x in 5..20 {
+        for y in 5..25 {
+            image.put_pixel(x, y, Rgb(colour));
+        }
+    }
+    DynamicImage::ImageRgb8(image)
+}
+
+fn generate(model: &mut VisionLanguageModel, image: &DynamicImage, sampling: &SamplingParams) -> (String, usize) {
+    let features = model.encode(image).unwrap();
+    let generation =
+        model.answer(&features, "What colour is the square?", sampling, &[], &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
+    (generation.text, generation.completion_tokens)
+}
+
+#[test]
+fn a_tiny_smolvlm_loads_encodes_an_image_and_generates_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_tiny_smolvlm(&dir.path().join("vlm"), 3);
+    let mut model = VisionLanguageModel::load(&path, &LoadOptions::default()).unwrap();
+    assert_eq!(model.tokens_per_image(), 4, "16 patches shuffled by 2");
+    let red = picture([200, 20, 20]);
+    let features = model.encode(&red).unwrap();
+    assert_eq!(features.rows.dims(), [4, 64], "one decoder-width row per image token");
+    assert!(features.rows.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+
+    // The prompt holds exactly the image's placeholders.
+    let prompt = model.prompt("What is it?");
+    assert_eq!(prompt.matches("<image>").count(), 4);
+    assert!(prompt.starts_with("<|im_start|>User:<fake_token_around_image><global-img><image>"));
+    assert!(prompt.ends_with("What is it?<end_of_utterance>\nAssistant:"));
+
+    let sampling = SamplingParams { max_tokens: 12, temperature: 0.9, top_p: 0.95, seed: 11, ..SamplingParams::default() };
+    let first = generate(&mut model, &red, &sampling);
+    assert!(first.1 > 0);
+    assert_eq!(generate(&mut model, &red, &sampling), first, "the same seed gives the same answer");
+    let other_seed = SamplingParams { seed: 12, ..sampling.clone() };
+    let _ = generate(&mut model, &red, &other_seed);
+    // A text prompt after an image prompt starts afresh (the image rows are not reused
+    // as if they were the placeholder token's embedding).
+    assert_eq!(generate(&mut model, &red, &sampling), first);
+
+    // The model looks at the image: another picture moves the logits.
+    let blue = model.encode(&picture([20, 20, 200])).unwrap();
+    let red_logits = model.logits(&features, "What colour?", &[]).unwrap();
+    let blue_logits = model.logits(&blue, "What colour?", &[]).unwrap();
+    assert!(max_abs_diff(&red_logits, &blue_logits) > 1e-4);
+}
+
+#[test]
+fn a_lora_on_the_text_decoder_changes_the_logits_as_its_delta_w_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let decoder = tiny_smolvlm_decoder(5);
+    let base_path = write_tiny_smolvlm_with(&dir.path().join("base"), &decoder, 5);
+    let mut base = VisionLanguageModel::load(&base_path, &LoadOptions::default()).unwrap();
+    let config = base.chat_model().decoder_config().clone();
+    let adapter = LoraAdapter::random(&config, 4, 8.0, &[TargetModule::Q, TargetModule::V], 0.3, 9).unwrap();
+
+    // The same model with ΔW = scale·B·A added to each adapted weight.
+    let mut merged = decoder.clone();
+    for (key, pair) in &adapter.modules {
+        let delta = (pair.b.matmul(&pair.a).unwrap() * adapter.scale()).unwrap();
+        merged = merged.with_added(&format!("model.layers.{}.self_attn.{}.weight", key.layer, key.module.hf_name()), &delta);
+    }
+    let merged_path = write_tiny_smolvlm_with(&dir.path().join("merged"), &merged, 5);
+    let mut reference = VisionLanguageModel::load(&merged_path, &LoadOptions::default()).unwrap();
+
+    base.chat_model_mut().attach_adapter("vision-expert", &adapter).unwrap();
+    let image = picture([30, 160, 40]);
+    let features = base.encode(&image).unwrap();
+    let with_lora = base.logits(&features, "How many squares?", &[("vision-expert".into(), 1.0)]).unwrap();
+    let without = base.logits(&features, "How many squares?", &[]).unwrap();
+    let expected = reference.logits(&reference.encode(&image).unwrap(), "How many squares?", &[]).unwrap();
+    assert!(max_abs_diff(&with_lora, &without) > 1e-3, "the adapter does something");
+    assert!(max_abs_diff(&with_lora, &expected) < 1e-3, "and exactly what its ΔW says: {}", max_abs_diff(&with_lora, &expected));
+}
+
+#[test]
+fn broken_checkpoints_get_one_line_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_tiny_smolvlm(&dir.path().join("vlm"), 3);
+    // A plain decoder is not a vision-language model.
+    let config = std::fs::read_to_string(path.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+    json.as_object_mut().unwrap().remove("vision_config");
+    std::fs::write(path.join("config.json"), json.to_string()).unwrap();
+    let error = VisionLanguageModel::load(&path, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(error.contains("config.json") && error.contains("vision_config"), "{error}");
+    assert_eq!(error.lines().count(), 1);
+
+    // A tower tensor missing.
+    let path = write_tiny_smolvlm(&dir.path().join("cut"), 3);
+    let tensors = candle_core::safetensors::load(path.join("model.safetensors"), &Device::Cpu).unwrap();
+    let kept: std::collections::HashMap<String, Tensor> =
+        tensors.into_iter().filter(|(name, _)| !name.contains("post_layernorm")).collect();
+    candle_core::safetensors::save(&kept, path.join("model.safetensors")).unwrap();
+    let error = VisionLanguageModel::load(&path, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(error.contains("vision tower") && error.contains("post_layernorm"), "{error}");
+}
