@@ -10,11 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{ChatMessage, ChatModel, Embedder, EngineError, Role, SamplingParams};
 use crate::memory::pipeline::{
-    Answer, Completion, Exchange, LanguageModel, MemoryPipeline, Operation, PipelineError, TextEmbedder, Turn, TurnReport, UsedMemory,
+    Answer, AppliedChange, Completion, Exchange, LanguageModel, MemoryPipeline, Operation, PipelineError, TextEmbedder, Turn, TurnReport,
+    UsedMemory,
 };
 use crate::memory::prompts::RenderedPrompt;
 use crate::memory::{Applied, MemoryError, MemoryFilter, MemoryId, MemoryOp, MemoryStore, OpKind, SearchHit, SearchQuery, Undone};
 use crate::transcript::{self, Conversation, SessionRange};
+use crate::vision::{Vision, VisionError, VisionMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssistantError {
@@ -28,7 +30,15 @@ pub enum AssistantError {
     NoSuchMemory(MemoryId),
     #[error("adapter '{name}': {message}")]
     Adapter { name: String, message: String },
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
+    #[error(transparent)]
+    Vision(#[from] VisionError),
 }
+
+/// How many of the best recalled memories are checked for an image to look at: an image
+/// further down is a weak match, and its caption in the prompt is enough.
+const IMAGE_RECALL_RANKS: usize = 3;
 
 /// The active adapters (slot name, scale) of each operation.
 pub type OperationAdapters = BTreeMap<Operation, Vec<(String, f32)>>;
@@ -90,11 +100,24 @@ impl LanguageModel for EngineModel<'_> {
     }
 }
 
+/// An image a question was asked about.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSeen {
+    /// The copy in the data dir.
+    pub path: std::path::PathBuf,
+    pub sha256: String,
+    pub mode: VisionMode,
+    /// The caption its memory (and the caption mode) uses, when one was made.
+    pub caption: Option<String>,
+}
+
 /// An answer and, unless the caller said not to remember, what the exchange changed.
 #[derive(Debug, Clone)]
 pub struct AskOutcome {
     pub answer: Answer,
     pub remembered: Option<TurnReport>,
+    /// The image attached to the question, when there was one.
+    pub image: Option<ImageSeen>,
 }
 
 /// Progress of an ingest, reported after each exchange.
@@ -158,6 +181,7 @@ pub struct Assistant {
     user_name: String,
     system: Option<String>,
     extract_window: usize,
+    vision: Option<Vision>,
 }
 
 impl Assistant {
@@ -173,7 +197,7 @@ impl Assistant {
         if store.dimension() != embedder.dimension() {
             return Err(AssistantError::DimensionMismatch { store: store.dimension(), embedder: embedder.dimension() });
         }
-        Ok(Assistant { chat, embedder, store, pipeline, adapters, sampling, user_name, system: None, extract_window: 2 })
+        Ok(Assistant { chat, embedder, store, pipeline, adapters, sampling, user_name, system: None, extract_window: 2, vision: None })
     }
 
     pub fn chat_model(&self) -> &ChatModel {
@@ -205,24 +229,126 @@ impl Assistant {
         self.system = system;
     }
 
-    /// Answers `question` with recalled memories, streaming to `on_text`; then, when
-    /// `remember`, extracts and applies what the user said.
+    /// Answers `question` (about the image at `image`, when given) with recalled memories,
+    /// streaming to `on_text`; then, when `remember`, extracts and applies what the user
+    /// said (and keeps the image as a memory).
     pub fn ask(
         &mut self,
         question: &str,
+        image: Option<&std::path::Path>,
         remember: bool,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<AskOutcome, AssistantError> {
+        if let Some(path) = image {
+            return self.ask_about_image(question, path, remember, on_text);
+        }
         let answer = self.answer(question, on_text)?;
         let remembered = if remember { Some(self.remember_user_words(question)?) } else { None };
-        Ok(AskOutcome { answer, remembered })
+        Ok(AskOutcome { answer, remembered, image: None })
     }
 
-    /// Answers `question` with recalled memories, streaming to `on_text`.
+    /// Answers `question` with recalled memories, streaming to `on_text`. When one of the
+    /// best memories is an image and the vision model is at hand (native mode), the model
+    /// looks at the stored image again instead of reading its caption.
     pub fn answer(&mut self, question: &str, on_text: &mut dyn FnMut(&str) -> ControlFlow<()>) -> Result<Answer, AssistantError> {
-        let mut model =
-            EngineModel { chat: &mut self.chat, adapters: &self.adapters, sampling: &self.sampling, system: self.system.as_deref() };
-        Ok(self.pipeline.answer(question, &self.store, &mut model, &mut EngineEmbedder(&self.embedder), on_text)?)
+        let hits = self.pipeline.recall(question, &self.store, &mut EngineEmbedder(&self.embedder))?;
+        let image = hits
+            .iter()
+            .take(IMAGE_RECALL_RANKS)
+            .find_map(|hit| hit.memory.image.clone().filter(|path| path.is_file()))
+            .filter(|_| self.vision.as_ref().is_some_and(|v| v.mode() == VisionMode::Native && v.available().is_ok()));
+        let memories: Vec<UsedMemory> = hits
+            .into_iter()
+            .map(|hit| UsedMemory { id: hit.memory.id, text: hit.memory.text, date: hit.memory.event_time, score: hit.score })
+            .collect();
+        if let (Some(path), Some(vision)) = (image, self.vision.as_mut()) {
+            let picture = crate::images::load(&path)?;
+            let generation = vision.look(&picture, question, &self.sampling, on_text)?;
+            let completion = Completion {
+                text: generation.text.clone(),
+                prompt_tokens: generation.prompt_tokens,
+                completion_tokens: generation.completion_tokens,
+                stats: Some(generation),
+            };
+            return Ok(Answer { text: completion.text.clone(), memories, completion, image: Some(path) });
+        }
+        self.answer_with(question, memories, on_text)
+    }
+
+    /// Adds the vision operation; its model loads the first time an image is asked about.
+    pub fn set_vision(&mut self, vision: Vision) {
+        self.vision = Some(vision);
+    }
+
+    pub fn vision_mut(&mut self) -> Option<&mut Vision> {
+        self.vision.as_mut()
+    }
+
+    /// Answers `question` about the image at `path` (looking at it, or from its caption in
+    /// caption mode), streaming to `on_text`. When `remember`, the image becomes a memory —
+    /// its caption, with a copy of the file in the data dir — and what the user said is
+    /// remembered as for any question.
+    fn ask_about_image(
+        &mut self,
+        question: &str,
+        path: &std::path::Path,
+        remember: bool,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<AskOutcome, AssistantError> {
+        let vision = self.vision.as_mut().ok_or_else(|| VisionError::Unavailable("no vision model is configured".into()))?;
+        vision.available()?;
+        let mode = vision.mode();
+        let data_dir = self.store.dir().parent().unwrap_or(self.store.dir()).to_path_buf();
+        let (stored, image) = crate::images::store(&data_dir, path)?;
+        let (answer, mut caption): (Answer, Option<String>) = match mode {
+            VisionMode::Native => {
+                let generation = vision.look(&image, question, &self.sampling, on_text)?;
+                let completion = Completion {
+                    text: generation.text.clone(),
+                    prompt_tokens: generation.prompt_tokens,
+                    completion_tokens: generation.completion_tokens,
+                    stats: Some(generation),
+                };
+                (Answer { text: completion.text.clone(), memories: Vec::new(), completion, image: Some(stored.path.clone()) }, None)
+            }
+            VisionMode::Caption => {
+                let caption = vision.caption(&image)?;
+                let context = vec![UsedMemory { id: 0, text: format!("The image shows: {caption}"), date: None, score: 0.0 }];
+                (self.answer_with(question, context, on_text)?, Some(caption))
+            }
+        };
+        let remembered = if remember {
+            let text = match caption.take() {
+                Some(text) => text,
+                None => self.vision.as_mut().expect("checked above").caption(&image)?,
+            };
+            let mut report = self.remember_user_words(question)?;
+            report.changes.push(self.remember_image(&text, &stored.path)?);
+            caption = Some(text);
+            Some(report)
+        } else {
+            None
+        };
+        let image = ImageSeen { path: stored.path, sha256: stored.sha256, mode, caption };
+        Ok(AskOutcome { answer, remembered, image: Some(image) })
+    }
+
+    /// Stores an image memory: its caption, pointing at the copy in the data dir.
+    fn remember_image(&mut self, caption: &str, stored: &std::path::Path) -> Result<AppliedChange, AssistantError> {
+        let text = format!("{} shared an image: {caption}", self.user_name);
+        let embedding = one_embedding(&self.embedder, &text)?;
+        let now = crate::memory::now();
+        let op = MemoryOp::Add {
+            text: text.clone(),
+            subject: Some(self.user_name.clone()),
+            event_time: Some(transcript::format_date(now)),
+            source: Default::default(),
+            image: Some(stored.to_path_buf()),
+            embedding,
+            created: None,
+        };
+        let applied = first(self.store.apply_at(vec![op], now))?;
+        Ok(AppliedChange { seq: applied.seq, id: applied.id, kind: OpKind::Add, text, old_text: None })
     }
 
     /// Answers `question` with `context` in the prompt instead of recalled memories.

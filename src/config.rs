@@ -24,7 +24,16 @@ pub struct Config {
     pub generation: GenerationConfig,
     pub memory: MemoryConfig,
     pub adapters: AdaptersConfig,
+    pub vision: VisionConfig,
     pub ui: UiConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionConfig {
+    pub model: String,
+    pub mode: String,
+    pub caption_prompt: String,
+    pub caption_tokens: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +101,8 @@ pub struct OperationAdapters {
     pub extract: String,
     pub update: String,
     pub generate: String,
+    #[serde(default)]
+    pub vision: String,
 }
 
 /// Where memlora keeps things. The data dir holds private data (memories,

@@ -86,7 +86,7 @@ fn merge_spec(adapters: &[&str], into: &str, method: MergeMethod) -> Request {
 }
 
 fn answer_text(handle: &WorkerHandle) -> String {
-    let events = collect(&mut handle.submit(Request::Ask { text: "the cat sat".into(), remember: false }));
+    let events = collect(&mut handle.submit(Request::Ask { text: "the cat sat".into(), remember: false, image: None }));
     events.iter().find_map(|e| if let Event::Answer { text, .. } = e { Some(text.clone()) } else { None }).unwrap()
 }
 
@@ -127,7 +127,7 @@ fn kinds(events: &[Event]) -> Vec<&'static str> {
 fn an_ask_streams_tokens_then_answers_then_remembers_then_is_done() {
     let dir = tempfile::tempdir().unwrap();
     let (handle, _thread) = start(dir.path(), 8);
-    let events = collect(&mut handle.submit(Request::Ask { text: "the cat sat".into(), remember: true }));
+    let events = collect(&mut handle.submit(Request::Ask { text: "the cat sat".into(), remember: true, image: None }));
     let kinds = kinds(&events);
     let first_non_token = kinds.iter().position(|k| *k != "token").unwrap();
     assert!(first_non_token > 0, "{kinds:?}");
@@ -177,7 +177,7 @@ fn requests_are_served_in_order_each_on_its_own_channel() {
 fn cancelling_stops_an_answer_at_the_next_token() {
     let dir = tempfile::tempdir().unwrap();
     let (handle, _thread) = start(dir.path(), 200);
-    let mut submission = handle.submit(Request::Ask { text: "the cat".into(), remember: false });
+    let mut submission = handle.submit(Request::Ask { text: "the cat".into(), remember: false, image: None });
     let mut tokens = 0;
     let answer = loop {
         match submission.events.blocking_recv().unwrap() {

@@ -6,6 +6,7 @@ use std::ops::ControlFlow;
 
 use memlora::memory::pipeline::TurnReport;
 use memlora::memory::OpKind;
+use memlora::vision::VisionMode;
 use serde_json::json;
 
 use super::Env;
@@ -37,6 +38,14 @@ pub struct AskArgs {
     /// Replaces the adapter bound to the generation operation.
     #[arg(long = "adapter", value_name = "NAME|DIR[=SCALE]")]
     adapters: Vec<String>,
+    /// An image the question is about (PNG, JPEG, WebP, GIF, BMP): the vision model looks at
+    /// it, and it is remembered.
+    #[arg(long)]
+    image: Option<std::path::PathBuf>,
+    /// How the image is answered: the vision model looks at it (native), or only captions it
+    /// and the chat model answers (caption). Default: `vision.mode`.
+    #[arg(long, value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<VisionMode>()))]
+    vision: Option<VisionMode>,
     /// Answer without extracting memories from the question.
     #[arg(long)]
     no_remember: bool,
@@ -55,6 +64,9 @@ pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
     sampling.repeat_penalty = args.repeat_penalty.unwrap_or(sampling.repeat_penalty);
     let mut assistant = env.open_assistant(&model_name, &args.adapters, sampling)?;
     assistant.set_system(args.system.clone());
+    if let (Some(mode), Some(vision)) = (args.vision, assistant.vision_mut()) {
+        vision.set_mode(mode);
+    }
 
     let stdout = std::io::stdout();
     let json = args.json;
@@ -69,7 +81,7 @@ pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     };
     let question = args.prompt.join(" ");
-    let outcome = assistant.ask(&question, !args.no_remember, &mut on_text)?;
+    let outcome = assistant.ask(&question, args.image.as_deref(), !args.no_remember, &mut on_text)?;
     let answer = &outcome.answer;
     if json {
         let stats = answer.completion.stats.as_ref();
@@ -79,6 +91,8 @@ pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
             "text": answer.text,
             "memories_used": answer.memories,
             "remembered": outcome.remembered,
+            "image": outcome.image,
+            "looked_at": answer.image,
             "prompt_tokens": answer.completion.prompt_tokens,
             "completion_tokens": answer.completion.completion_tokens,
             "stop_reason": stats.map(|s| s.stop_reason),

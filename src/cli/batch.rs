@@ -43,7 +43,7 @@ async fn serve_stdin(handle: &WorkerHandle) -> anyhow::Result<bool> {
     let mut number = 0usize;
     let mut buffer = Vec::new();
     // An image attached by an `image` line, for the next ask.
-    let mut attached: Option<Value> = None;
+    let mut attached: Option<PathBuf> = None;
     loop {
         buffer.clear();
         let read = read_line_limited(&mut lines, &mut buffer).await?;
@@ -60,14 +60,11 @@ async fn serve_stdin(handle: &WorkerHandle) -> anyhow::Result<bool> {
         } else {
             match parse_line(&text) {
                 Ok((id, _, Line::Image(path))) => attach_image(id, &path, &mut attached),
-                Ok((id, stream, Line::Request(request))) => {
-                    let asks = matches!(request, Request::Ask { .. });
-                    let mut response = serve(handle, id, stream, request, &mut stdout).await?;
-                    if let (true, Some(image)) = (asks, attached.take()) {
-                        response["image"] = image;
-                        response["vision"] = json!("unavailable: the answer used the text only");
+                Ok((id, stream, Line::Request(mut request))) => {
+                    if let Request::Ask { image: image @ None, .. } = &mut request {
+                        *image = attached.take();
                     }
-                    response
+                    serve(handle, id, stream, request, &mut stdout).await?
                 }
                 Err((id, reason)) => json!({"id": id, "line": number, "ok": false, "error": format!("line {number}: {reason}")}),
             }
@@ -132,16 +129,16 @@ fn parse_line(text: &str) -> Result<(Value, bool, Line), (Value, String)> {
     }
 }
 
-/// Checks that `path` is an image memlora can read and keeps it for the next ask. The
-/// vision model is not part of this build, so that answer reports that it used text only.
-fn attach_image(id: Value, path: &Path, attached: &mut Option<Value>) -> Value {
-    match crate::tui::image::decode(path) {
+/// Checks that `path` is an image memlora can read and keeps it for the next ask, which
+/// the vision model then answers looking at it.
+fn attach_image(id: Value, path: &Path, attached: &mut Option<PathBuf>) -> Value {
+    match memlora::images::load(path) {
         Ok(image) => {
+            *attached = Some(path.to_owned());
             let description = json!({"path": path, "width": image.width(), "height": image.height()});
-            *attached = Some(description.clone());
             json!({"id": id, "type": "image", "ok": true, "image": description, "changes": []})
         }
-        Err(message) => json!({"id": id, "type": "image", "ok": false, "error": message}),
+        Err(error) => json!({"id": id, "type": "image", "ok": false, "error": error.to_string()}),
     }
 }
 

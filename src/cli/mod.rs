@@ -24,6 +24,7 @@ use memlora::memory::pipeline::{MemoryPipeline, Operation, PipelineSettings};
 use memlora::memory::prompts::Prompts;
 use memlora::memory::MemoryStore;
 use memlora::models::{Catalog, Manifest, ModelCache, ModelFiles};
+use memlora::vision::{Vision, VisionMode, VisionSettings};
 
 /// What every command starts from.
 pub struct Env {
@@ -197,7 +198,55 @@ impl Env {
         let mut assistant =
             Assistant::new(chat, embedder, store, MemoryPipeline::new(prompts, settings), adapters, sampling, memory.user_name.clone())?;
         assistant.set_extract_window(memory.extract_window);
+        assistant.set_vision(Vision::new(self.vision_settings(use_bindings)?));
         Ok(assistant)
+    }
+
+    /// The vision model's settings. The model is only located (not pulled: it is large and
+    /// only wanted with images); when it is missing, using it says how to get it.
+    pub fn vision_settings(&self, use_bindings: bool) -> anyhow::Result<VisionSettings> {
+        let config = &self.config.vision;
+        let mode: VisionMode = config.mode.parse().map_err(anyhow::Error::msg).context("vision.mode")?;
+        let mut adapter = String::new();
+        if use_bindings {
+            adapter = AdapterRegistry::open(&self.paths.data_dir)?.bindings()?.remove("vision").unwrap_or_default();
+            if !self.config.memory.adapters.vision.is_empty() {
+                adapter = self.config.memory.adapters.vision.clone();
+            }
+        }
+        let adapters = if adapter.is_empty() {
+            Vec::new()
+        } else {
+            let (name, scale) = parse_adapter_spec(&adapter)?;
+            let dir = self.adapter_dir(&name);
+            let slot = dir.file_name().map_or(name, |n| n.to_string_lossy().into_owned());
+            vec![(slot, dir, scale)]
+        };
+        let weights: WeightFormat = self.config.engine.weights.parse().map_err(anyhow::Error::msg).context("engine.weights")?;
+        let load = LoadOptions { weights, context: self.config.engine.context, tokenizer: None, chat_template: None, aliases: Vec::new() };
+        Ok(VisionSettings {
+            model: self.locate_model(&config.model),
+            load,
+            mode,
+            adapters,
+            caption_prompt: config.caption_prompt.clone(),
+            caption_tokens: config.caption_tokens,
+        })
+    }
+
+    /// A model's path if it is a path or in the cache, else what to do about it.
+    fn locate_model(&self, name_or_path: &str) -> Result<PathBuf, String> {
+        let path = Path::new(name_or_path);
+        if path.exists() {
+            return Ok(path.to_path_buf());
+        }
+        let Some(manifest) = self.catalog.get(name_or_path) else {
+            return Err(format!("'{name_or_path}' is neither a directory nor a known model (see `memlora models list`)"));
+        };
+        self.cache
+            .resolve(manifest)
+            .map(|files| model_path(&files))
+            .ok_or_else(|| format!("'{name_or_path}' is not downloaded; `memlora models pull {name_or_path}` fetches it"))
     }
 
     /// The adapter storage budget of the config.

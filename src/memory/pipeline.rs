@@ -188,6 +188,8 @@ pub struct Answer {
     pub text: String,
     pub memories: Vec<UsedMemory>,
     pub completion: Completion,
+    /// The image the vision model looked at to answer, if it did.
+    pub image: Option<std::path::PathBuf>,
 }
 
 /// The pipeline's fixed parts: prompts and settings.
@@ -352,7 +354,7 @@ impl MemoryPipeline {
     ) -> Result<Answer, PipelineError> {
         let prompt = self.prompts.render(Operation::Generate, json!({ "question": question, "memories": memories }))?;
         let completion = model.complete(Operation::Generate, &prompt, on_text)?;
-        Ok(Answer { text: completion.text.clone(), memories, completion })
+        Ok(Answer { text: completion.text.clone(), memories, completion, image: None })
     }
 }
 

@@ -24,7 +24,7 @@ pub enum Command {
 
 /// Every command with its usage, for /help.
 pub const COMMANDS: [(&str, &str); 12] = [
-    ("/image PATH", "attach an image (a preview only: the vision model is not available yet)"),
+    ("/image PATH", "attach an image: it is previewed, and your next message asks the vision model about it"),
     ("/remember TEXT", "store TEXT as a memory, as written"),
     ("/forget ID", "forget memory #ID"),
     ("/search QUERY", "search the memories (shown in the memories pane)"),

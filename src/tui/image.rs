@@ -12,11 +12,6 @@ use ratatui_image::picker::{Picker, ProtocolType};
 use ratatui_image::protocol::Protocol;
 use ratatui_image::Resize;
 
-/// Largest side kept after decoding; a preview never needs more, and encoding stays fast.
-const MAX_SIDE: u32 = 2048;
-/// Most bytes a decoder may allocate (a corrupt header cannot ask for gigabytes).
-const MAX_DECODE_BYTES: u64 = 256 << 20;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImagesSetting {
     Auto,
@@ -89,19 +84,9 @@ pub fn protocol_name(picker: &Picker) -> String {
     format!("{:?}", picker.protocol_type()).to_lowercase()
 }
 
-/// Reads and decodes `path` (format from the content, not the name), shrunk to at most
-/// [`MAX_SIDE`] pixels a side. Errors are one line for the image pane.
+/// Reads and decodes `path` for the preview; errors are one line for the image pane.
 pub fn decode(path: &Path) -> Result<DynamicImage, String> {
-    let reader = image::ImageReader::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut reader = reader.with_guessed_format().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    if reader.format().is_none() {
-        return Err(format!("{}: not an image in a supported format (png, jpeg, gif, webp, bmp)", path.display()));
-    }
-    let image = reader.decode().map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(if image.width() > MAX_SIDE || image.height() > MAX_SIDE { image.thumbnail(MAX_SIDE, MAX_SIDE) } else { image })
+    memlora::images::load(path).map_err(|e| e.to_string())
 }
 
 /// Scales `image` to fit `size` cells (keeping its proportions) and encodes it for the
@@ -118,7 +103,7 @@ mod tests {
     fn decoding_reports_missing_unsupported_and_corrupt_files() {
         let dir = tempfile::tempdir().unwrap();
         let missing = decode(&dir.path().join("none.png")).unwrap_err();
-        assert!(missing.contains("cannot open") && missing.contains("none.png"), "{missing}");
+        assert!(missing.contains("cannot read") && missing.contains("none.png"), "{missing}");
         let text = dir.path().join("notes.txt");
         std::fs::write(&text, "just some text, not a picture").unwrap();
         let error = decode(&text).unwrap_err();
@@ -127,7 +112,7 @@ mod tests {
         let fake = dir.path().join("fake.png");
         std::fs::write(&fake, "just some text, not a picture").unwrap();
         let error = decode(&fake).unwrap_err();
-        assert!(error.contains("fake.png") && error.contains("PNG"), "{error}");
+        assert!(error.contains("fake.png: not an image"), "{error}");
         // A PNG cut off after its header.
         let png = dir.path().join("cut.png");
         let mut bytes = Vec::new();

@@ -13,6 +13,7 @@ use crossterm::event::{KeyEvent, KeyEventKind};
 use image::DynamicImage;
 use memlora::adapters::{Admission, MergeProgress, MergeStage};
 use memlora::memory::{MemoryId, OpKind};
+use memlora::vision::VisionMode;
 use memlora::worker::{Binding, Event, Hit, MemoryNotice, Request};
 use ratatui::layout::{Rect, Size};
 use ratatui::style::{Modifier, Style};
@@ -303,6 +304,8 @@ pub struct AppState {
     pub bindings: Option<Vec<Binding>>,
     pub installed: Option<Result<Vec<String>, String>>,
     pub image: Option<ImageView>,
+    /// The image the next question is about.
+    pub attached: Option<PathBuf>,
     image_generation: u64,
     pub pending: Vec<Pending>,
     next_id: RequestId,
@@ -346,6 +349,7 @@ impl AppState {
             bindings: None,
             installed: None,
             image: None,
+            attached: None,
             image_generation: 0,
             pending: Vec::new(),
             next_id: 1,
@@ -398,7 +402,13 @@ impl AppState {
                 if let Some(view) = self.image.as_mut().filter(|v| v.generation == generation) {
                     view.status = match result {
                         Ok(image) => ImageStatus::Decoded(Arc::new(image)),
-                        Err(message) => ImageStatus::Failed(message),
+                        Err(message) => {
+                            // Not an image the model could read either.
+                            if self.attached.as_ref() == Some(&view.path) {
+                                self.attached = None;
+                            }
+                            ImageStatus::Failed(message)
+                        }
                     };
                 }
                 Vec::new()
@@ -488,7 +498,15 @@ impl AppState {
                     answer.text.push_str(&text);
                 }
             }
-            Event::Answer { text, memories_used, completion_tokens, tokens_per_second, cancelled } => {
+            Event::Answer { text, memories_used, completion_tokens, tokens_per_second, cancelled, image, vision } => {
+                if let (Some(path), Some(vision)) = (image, vision) {
+                    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+                    let how = match vision {
+                        VisionMode::Native => "the vision model looked at",
+                        VisionMode::Caption => "answered from the caption of",
+                    };
+                    self.chat.push(ChatEntry::Note(format!("{how} image {name}")));
+                }
                 let used: Vec<MemoryId> = memories_used.iter().map(|m| m.id).collect();
                 if let Some(answer) = self.answer_mut(id) {
                     answer.rendered = markdown::render(&text);
@@ -984,7 +1002,9 @@ impl AppState {
     fn ask(&mut self, text: String) -> Vec<Effect> {
         self.clear_marks();
         self.chat_scroll = 0;
-        let effect = self.submit(Job::Ask { answered: false }, Request::Ask { text: text.clone(), remember: true });
+        // An attached image goes with the next question, once.
+        let image = self.attached.take();
+        let effect = self.submit(Job::Ask { answered: false }, Request::Ask { text: text.clone(), remember: true, image });
         let Effect::Submit { id, .. } = &effect else { unreachable!() };
         let id = *id;
         self.chat.push(ChatEntry::User(text));
@@ -1002,7 +1022,8 @@ impl AppState {
                 let enabled = self.settings.images.is_some();
                 let status = if enabled { ImageStatus::Loading } else { ImageStatus::Off };
                 self.image = Some(ImageView { path: path.clone(), generation, status, encoded: None, encoding: None });
-                self.chat.push(ChatEntry::Note(format!("image attached: {name} (preview only; the vision model is not available yet)")));
+                self.attached = Some(path.clone());
+                self.chat.push(ChatEntry::Note(format!("image attached: {name} (your next message asks about it)")));
                 if enabled {
                     return vec![Effect::LoadImage { generation, path }];
                 }

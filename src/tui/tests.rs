@@ -162,6 +162,8 @@ fn exchange(state: &mut AppState) {
                 completion_tokens: 30,
                 tokens_per_second: 152.34,
                 cancelled: false,
+                image: None,
+                vision: None,
             },
             Event::Remembered {
                 report: TurnReport {
@@ -300,9 +302,14 @@ fn snapshot_wide_image_pane_with_a_halfblocks_preview() {
     let terminal = render(&state);
     insta::assert_snapshot!("wide_image", terminal.backend());
     let text = screen_text(&terminal);
-    assert!(text.contains("flag.png · 400×210 · preview only"));
-    assert!(text.contains("image attached: /pictures/flag.png (preview only;"), "{text}");
+    assert!(text.contains("flag.png · 400×210 · for your next question"), "{text}");
+    assert!(text.contains("image attached: /pictures/flag.png (your next message asks about"), "{text}");
     assert!(text.contains('▀'), "halfblocks drawn");
+    // The next question carries the image; the one after it does not.
+    let (_, request) = only(&send(&mut state, "What flag is this?"));
+    assert!(matches!(request, Request::Ask { image: Some(ref path), .. } if path == &PathBuf::from("/pictures/flag.png")), "{request:?}");
+    let (_, request) = only(&send(&mut state, "And now?"));
+    assert!(matches!(request, Request::Ask { image: None, .. }), "{request:?}");
 }
 
 #[test]
@@ -416,6 +423,9 @@ fn snapshot_image_error_message() {
     insta::assert_snapshot!("image_error", terminal.backend());
     let text = screen_text(&terminal);
     assert!(text.contains("cannot show this image: notes.txt: not an") && text.contains("image in a supported format"), "{text}");
+    // Nor is it sent with the next question.
+    let (_, request) = only(&send(&mut state, "What is in it?"));
+    assert!(matches!(request, Request::Ask { image: None, .. }), "{request:?}");
 }
 
 #[test]
@@ -431,6 +441,8 @@ fn snapshot_quitting_while_remembering() {
             completion_tokens: 2,
             tokens_per_second: 90.0,
             cancelled: false,
+            image: None,
+            vision: None,
         }],
     );
     let effects = state.update(ctrl('c'));
@@ -475,7 +487,15 @@ fn ctrl_c_cancels_the_answer_then_quits_after_remembering_and_a_third_forces() {
     worker_events(
         &mut state,
         id,
-        vec![Event::Answer { text: "Nice".into(), memories_used: vec![], completion_tokens: 1, tokens_per_second: 50.0, cancelled: true }],
+        vec![Event::Answer {
+            text: "Nice".into(),
+            memories_used: vec![],
+            completion_tokens: 1,
+            tokens_per_second: 50.0,
+            cancelled: true,
+            image: None,
+            vision: None,
+        }],
     );
     // Second: the memory operation is still running, so quitting waits.
     let effects = state.update(ctrl('c'));
@@ -500,7 +520,15 @@ fn quit_while_busy_waits_for_done_then_exits() {
         &mut state,
         id,
         vec![
-            Event::Answer { text: "".into(), memories_used: vec![], completion_tokens: 0, tokens_per_second: 0.0, cancelled: true },
+            Event::Answer {
+                text: "".into(),
+                memories_used: vec![],
+                completion_tokens: 0,
+                tokens_per_second: 0.0,
+                cancelled: true,
+                image: None,
+                vision: None,
+            },
             Event::Remembered { report: TurnReport::default() },
         ],
     );
@@ -524,7 +552,15 @@ fn esc_stops_a_streaming_answer_and_cancelled_answers_say_so() {
     worker(
         &mut state,
         id,
-        vec![Event::Answer { text: "Once".into(), memories_used: vec![], completion_tokens: 1, tokens_per_second: 10.0, cancelled: true }],
+        vec![Event::Answer {
+            text: "Once".into(),
+            memories_used: vec![],
+            completion_tokens: 1,
+            tokens_per_second: 10.0,
+            cancelled: true,
+            image: None,
+            vision: None,
+        }],
     );
     let Some(ChatEntry::Answer(answer)) = state.chat.last() else { panic!() };
     assert!(answer.done && answer.cancelled);
@@ -576,7 +612,7 @@ fn newline_keys_add_lines_and_paste_keeps_them() {
     state.update(Input::Paste("c\r\nd".into()));
     assert_eq!(state.input_text(), "a\nb\nc\nd");
     let effects = state.update(key(KeyCode::Enter));
-    assert!(matches!(submitted(&effects).as_slice(), [(_, Request::Ask { text, remember: true })] if text == "a\nb\nc\nd"));
+    assert!(matches!(submitted(&effects).as_slice(), [(_, Request::Ask { text, remember: true, image: None })] if text == "a\nb\nc\nd"));
 }
 
 #[test]

@@ -429,9 +429,10 @@ fn draw_image(frame: &mut Frame, area: Rect, state: &AppState) {
         return;
     };
     let name = view.path.file_name().map_or_else(|| view.path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let waiting = if state.attached.as_ref() == Some(&view.path) { " · for your next question" } else { "" };
     let caption = match &view.status {
-        ImageStatus::Decoded(image) => format!("{name} · {}×{} · preview only", image.width(), image.height()),
-        _ => name,
+        ImageStatus::Decoded(image) => format!("{name} · {}×{}{waiting}", image.width(), image.height()),
+        _ => format!("{name}{waiting}"),
     };
     let (caption_area, body) = {
         let [top, rest] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(inner);

@@ -25,6 +25,7 @@ use crate::memory::pipeline::{AppliedChange, TurnReport, UsedMemory};
 use crate::memory::transfer::MemoryRecord;
 use crate::memory::{Change, MemoryFilter, MemoryId, OpKind};
 use crate::transcript::{self, SessionRange, TranscriptFormat};
+use crate::vision::VisionMode;
 
 /// What a front end can ask of the worker. The JSON form (`{"type": "ask", …}`) is
 /// batch mode's protocol.
@@ -36,6 +37,9 @@ pub enum Request {
         text: String,
         #[serde(default = "default_true")]
         remember: bool,
+        /// An image the question is about; the vision model looks at it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<PathBuf>,
     },
     /// Store `text` as a memory, as written.
     Remember {
@@ -97,6 +101,12 @@ pub enum Event {
         completion_tokens: usize,
         tokens_per_second: f64,
         cancelled: bool,
+        /// The image the vision model looked at (the one attached, or one a memory recalled)
+        /// and how it answered.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        image: Option<PathBuf>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        vision: Option<VisionMode>,
     },
     /// What remembering an exchange (or an ingest step) did.
     Remembered {
@@ -352,7 +362,7 @@ impl Worker {
     fn handle(&mut self, request: Request, send: &dyn Fn(Event), cancel: &CancelToken) -> Result<(), String> {
         let text_error = |error: assistant::AssistantError| error.to_string();
         match request {
-            Request::Ask { text, remember } => {
+            Request::Ask { text, remember, image } => {
                 let mut on_text = |piece: &str| {
                     send(Event::Token { text: piece.to_owned() });
                     if cancel.is_cancelled() {
@@ -361,7 +371,20 @@ impl Worker {
                         ControlFlow::Continue(())
                     }
                 };
-                let answer = self.assistant.answer(&text, &mut on_text).map_err(text_error)?;
+                let attached = image.is_some();
+                let (answer, remembered, vision) = match image {
+                    // Remembering an image needs its caption, so it happens inside.
+                    Some(path) => {
+                        let outcome = self.assistant.ask(&text, Some(&path), remember, &mut on_text).map_err(text_error)?;
+                        let mode = outcome.image.as_ref().map(|seen| seen.mode);
+                        (outcome.answer, outcome.remembered, mode)
+                    }
+                    None => {
+                        let answer = self.assistant.answer(&text, &mut on_text).map_err(text_error)?;
+                        let vision = answer.image.as_ref().map(|_| VisionMode::Native);
+                        (answer, None, vision)
+                    }
+                };
                 let stats = answer.completion.stats.as_ref();
                 let cancelled = cancel.is_cancelled();
                 send(Event::Answer {
@@ -370,11 +393,16 @@ impl Worker {
                     completion_tokens: answer.completion.completion_tokens,
                     tokens_per_second: stats.map_or(0.0, |s| s.decode_tokens_per_second()),
                     cancelled,
+                    image: answer.image.clone(),
+                    vision,
                 });
                 // A cancelled answer still remembers what the user said: the question was
                 // asked, only the answer was cut short.
-                if remember {
-                    let report = self.assistant.remember_user_words(&text).map_err(text_error)?;
+                let remembered = match (attached, remember) {
+                    (false, true) => Some(self.assistant.remember_user_words(&text).map_err(text_error)?),
+                    _ => remembered,
+                };
+                if let Some(report) = remembered {
                     self.announce(&report.changes, send);
                     send(Event::Remembered { report });
                 }
