@@ -11,7 +11,7 @@ use memlora::memory::pipeline::Operation;
 use memlora::transcript;
 use serde_json::json;
 
-use super::Env;
+use super::{Env, LocomoData};
 
 #[derive(clap::Subcommand)]
 pub enum DistillCommand {
@@ -37,12 +37,8 @@ pub enum DistillCommand {
 
 #[derive(clap::Args)]
 pub struct LocomoArgs {
-    /// The LoCoMo JSON file.
-    #[arg(long)]
-    data: PathBuf,
-    /// Conversations to use at all (default: every one in the file).
-    #[arg(long, value_delimiter = ',')]
-    conversations: Vec<String>,
+    #[command(flatten)]
+    locomo: LocomoData,
     /// Training conversations (default: every used one not in --val).
     #[arg(long, value_delimiter = ',')]
     train: Option<Vec<String>>,
@@ -71,11 +67,9 @@ pub struct LocomoArgs {
 pub fn run(env: &Env, command: DistillCommand) -> anyhow::Result<()> {
     let DistillCommand::Locomo(args) = command;
     let started = Instant::now();
-    let conversations = transcript::load_locomo(&args.data)?;
-    let wanted = (!args.conversations.is_empty()).then_some(args.conversations.as_slice());
-    let conversations = transcript::select(conversations, wanted, &args.data)?;
-    let splits = distill::split(conversations, args.train.as_deref(), args.val.as_deref(), &args.data)?;
-    let data_sha256 = distill::file_sha256(&args.data)?;
+    let data = &args.locomo.data;
+    let splits = distill::split(args.locomo.load()?, args.train.as_deref(), args.val.as_deref(), data)?;
+    let data_sha256 = distill::file_sha256(data)?;
 
     let pipeline = env.pipeline()?;
     let embedder = env.load_embedder()?;
@@ -90,7 +84,7 @@ pub fn run(env: &Env, command: DistillCommand) -> anyhow::Result<()> {
     for (split, conversations) in [(Split::Train, &splits.train), (Split::Val, &splits.val)] {
         for conversation in conversations {
             let conversation_started = Instant::now();
-            let set = distiller.conversation(conversation).with_context(|| format!("{} {}", args.data.display(), conversation.id))?;
+            let set = distiller.conversation(conversation).with_context(|| format!("{} {}", data.display(), conversation.id))?;
             eprintln!(
                 "memlora: {} ({}): {} extraction, {} update, {} generation examples in {:.1} s",
                 conversation.id,
@@ -140,7 +134,7 @@ pub fn run(env: &Env, command: DistillCommand) -> anyhow::Result<()> {
         .collect();
     let ids = |conversations: &[transcript::Conversation]| conversations.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
     let report = json!({
-        "data": args.data.display().to_string(),
+        "data": data.display().to_string(),
         "data_sha256": data_sha256,
         "prompts_version": pipeline.prompts().version(),
         "conversations": {"train": ids(&splits.train), "val": ids(&splits.val)},

@@ -246,6 +246,26 @@ impl Env {
     }
 }
 
+/// A LoCoMo file and the conversations of it a command uses.
+#[derive(clap::Args)]
+pub struct LocomoData {
+    /// The LoCoMo JSON file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Conversation ids (default: all in the file).
+    #[arg(long, value_delimiter = ',')]
+    pub conversations: Vec<String>,
+}
+
+impl LocomoData {
+    /// The chosen conversations, in the order asked for; an unknown id is an error.
+    pub fn load(&self) -> anyhow::Result<Vec<memlora::transcript::Conversation>> {
+        let conversations = memlora::transcript::load_locomo(&self.data)?;
+        let wanted = (!self.conversations.is_empty()).then_some(self.conversations.as_slice());
+        Ok(memlora::transcript::select(conversations, wanted, &self.data)?)
+    }
+}
+
 pub struct ResolvedModel {
     pub weights: PathBuf,
     pub manifest: Option<Manifest>,
