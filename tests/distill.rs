@@ -168,7 +168,8 @@ fn distill_writes_training_files_the_trainer_reads_with_labels_from_evidence_and
     assert_eq!(changed["text"], "Nate has a dog named Max who loves long walks in the park.");
     assert_eq!(changed["old_memory"], "Nate has a dog.");
     // A new fact is added under the next free number.
-    let shown = user_prompt(&update[3]).lines().filter(|line| line.split_once(": ").is_some_and(|(id, _)| id.parse::<usize>().is_ok())).count();
+    let shown =
+        user_prompt(&update[3]).lines().filter(|line| line.split_once(": ").is_some_and(|(id, _)| id.parse::<usize>().is_ok())).count();
     assert_eq!(decision(3)["id"].as_str().unwrap(), shown.to_string());
     assert_eq!(decision(3)["text"], "Joanna won a screenwriting contest.");
     // The unplaced fact is decided at the end of its session, never extracted.
@@ -189,7 +190,10 @@ fn distill_writes_training_files_the_trainer_reads_with_labels_from_evidence_and
     assert_eq!(report["prompts_version"], 1);
     assert_eq!(report["data_sha256"].as_str().unwrap().len(), 64);
     let replay = &report["replay"]["conv-a"];
-    assert_eq!((replay["added_without_model"].as_u64(), replay["known_without_model"].as_u64(), replay["unplaced"].as_u64()), (Some(1), Some(1), Some(1)));
+    assert_eq!(
+        (replay["added_without_model"].as_u64(), replay["known_without_model"].as_u64(), replay["unplaced"].as_u64()),
+        (Some(1), Some(1), Some(1))
+    );
     assert_eq!(replay["questions_skipped"], 1);
     assert_eq!(report["length_unit"], "characters", "no chat model in this test's cache");
 
@@ -217,7 +221,8 @@ fn fake_teacher(content: &str) -> (String, Arc<Mutex<Vec<Value>>>) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let requests = Arc::new(Mutex::new(Vec::new()));
     let seen = requests.clone();
-    let body = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).to_string();
+    let body =
+        json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).to_string();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };

@@ -50,6 +50,21 @@ pub enum Label {
     Delete(usize),
 }
 
+/// A shown memory about the fact's person, as the rules compare it.
+struct Related {
+    index: usize,
+    cosine: f32,
+    f1: f64,
+    /// Share of the memory's words the fact keeps.
+    coverage: f64,
+}
+
+impl Related {
+    fn same_topic(&self) -> bool {
+        self.cosine >= SAME_TOPIC_COSINE && self.f1 >= SAME_TOPIC_F1
+    }
+}
+
 /// Labels `fact` (about `subject`, when known) against `shown`.
 pub fn label(fact: &str, subject: Option<&str>, shown: &[Shown<'_>]) -> Label {
     let fact_words = stemmed_tokens(fact).len();
@@ -57,8 +72,7 @@ pub fn label(fact: &str, subject: Option<&str>, shown: &[Shown<'_>]) -> Label {
         (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
         _ => true,
     };
-    // (index, cosine, token F1, share of the memory's words the fact keeps)
-    let related: Vec<(usize, f32, f64, f64)> = shown
+    let related: Vec<Related> = shown
         .iter()
         .enumerate()
         .filter(|(_, memory)| same_person(memory))
@@ -67,30 +81,26 @@ pub fn label(fact: &str, subject: Option<&str>, shown: &[Shown<'_>]) -> Label {
             let memory_words = stemmed_tokens(memory.text).len();
             // F1 = 2·common / (|fact| + |memory|).
             let common = f1 * (fact_words + memory_words) as f64 / 2.0;
-            (index, memory.cosine, f1, if memory_words == 0 { 0.0 } else { common / memory_words as f64 })
+            let coverage = if memory_words == 0 { 0.0 } else { common / memory_words as f64 };
+            Related { index, cosine: memory.cosine, f1, coverage }
         })
         .collect();
     let duplicate = related
         .iter()
-        .filter(|&&(_, cosine, f1, _)| f1 >= DUPLICATE_F1 || (cosine >= DUPLICATE_COSINE && f1 >= DUPLICATE_COSINE_F1))
-        .max_by(|a, b| a.2.total_cmp(&b.2));
-    if let Some(&(index, ..)) = duplicate {
-        return Label::None(index);
+        .filter(|m| m.f1 >= DUPLICATE_F1 || (m.cosine >= DUPLICATE_COSINE && m.f1 >= DUPLICATE_COSINE_F1))
+        .max_by(|a, b| a.f1.total_cmp(&b.f1));
+    if let Some(memory) = duplicate {
+        return Label::None(memory.index);
     }
-    let closest = |keep: &dyn Fn(&(usize, f32, f64, f64)) -> bool| {
-        related
-            .iter()
-            .filter(|&&(_, cosine, f1, _)| cosine >= SAME_TOPIC_COSINE && f1 >= SAME_TOPIC_F1)
-            .filter(|candidate| keep(candidate))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|&(index, ..)| index)
+    let closest = |keep: &dyn Fn(&Related) -> bool| {
+        related.iter().filter(|m| m.same_topic() && keep(m)).max_by(|a, b| a.cosine.total_cmp(&b.cosine)).map(|m| m.index)
     };
     if says_ended(fact) {
-        if let Some(index) = closest(&|&(index, ..)| !says_ended(shown[index].text)) {
+        if let Some(index) = closest(&|m| !says_ended(shown[m.index].text)) {
             return Label::Delete(index);
         }
     }
-    match closest(&|&(_, _, _, coverage)| coverage >= UPDATE_COVERAGE) {
+    match closest(&|m| m.coverage >= UPDATE_COVERAGE) {
         Some(index) => Label::Update(index),
         None => Label::Add,
     }

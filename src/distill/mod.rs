@@ -36,9 +36,7 @@ use crate::adapters::train::rng::Rng;
 use crate::assistant::session_exchanges;
 use crate::engine::{cosine, ChatMessage, ChatModel, Role};
 use crate::memory::parse::{self, Event};
-use crate::memory::pipeline::{
-    same_text, used_memories, Exchange, MemoryPipeline, Operation, PipelineError, TextEmbedder,
-};
+use crate::memory::pipeline::{same_text, used_memories, Exchange, MemoryPipeline, Operation, PipelineError, TextEmbedder};
 use crate::memory::prompts::RenderedPrompt;
 use crate::memory::{MemoryError, MemoryId, MemoryOp, MemorySource, MemoryStore, SearchHit};
 use crate::transcript::{self, Conversation, Observation, TranscriptError};
@@ -103,7 +101,12 @@ pub struct Splits {
 /// Splits `conversations` by id: `val` defaults to [`DEFAULT_VALIDATION`] when the file
 /// holds it (else no validation split), `train` to every other conversation. An id the
 /// file lacks is refused, naming what it holds.
-pub fn split(conversations: Vec<Conversation>, train: Option<&[String]>, val: Option<&[String]>, path: &Path) -> Result<Splits, DistillError> {
+pub fn split(
+    conversations: Vec<Conversation>,
+    train: Option<&[String]>,
+    val: Option<&[String]>,
+    path: &Path,
+) -> Result<Splits, DistillError> {
     let ids = |ids: &[String]| -> Vec<String> { ids.iter().map(|id| id.trim().to_owned()).filter(|id| !id.is_empty()).collect() };
     let val_ids = match val {
         Some(val) => ids(val),
@@ -418,7 +421,11 @@ fn distinct_facts<'o>(observations: impl Iterator<Item = &'o Observation>) -> Ve
 fn rule_decision(fact: &str, speaker: &str, embedding: &[f32], candidates: &[SearchHit], touched: &HashSet<MemoryId>) -> Vec<DecisionOp> {
     let shown: Vec<Shown<'_>> = candidates
         .iter()
-        .map(|hit| Shown { text: &hit.memory.text, subject: hit.memory.subject.as_deref(), cosine: cosine(embedding, &hit.memory.embedding) })
+        .map(|hit| Shown {
+            text: &hit.memory.text,
+            subject: hit.memory.subject.as_deref(),
+            cosine: cosine(embedding, &hit.memory.embedding),
+        })
         .collect();
     let mut decided = label::label(fact, Some(speaker), &shown);
     if let Label::Update(index) | Label::Delete(index) = decided {
@@ -430,7 +437,9 @@ fn rule_decision(fact: &str, speaker: &str, embedding: &[f32], candidates: &[Sea
     vec![match decided {
         Label::Add => DecisionOp { id: candidates.len().to_string(), text: fact.to_owned(), event: Event::Add, old_memory: None },
         Label::None(index) => DecisionOp { id: index.to_string(), text: old(index), event: Event::None, old_memory: None },
-        Label::Update(index) => DecisionOp { id: index.to_string(), text: fact.to_owned(), event: Event::Update, old_memory: Some(old(index)) },
+        Label::Update(index) => {
+            DecisionOp { id: index.to_string(), text: fact.to_owned(), event: Event::Update, old_memory: Some(old(index)) }
+        }
         Label::Delete(index) => DecisionOp { id: index.to_string(), text: old(index), event: Event::Delete, old_memory: None },
     }]
 }
@@ -457,7 +466,9 @@ fn teacher_decision(answer: &str, candidates: &[SearchHit], touched: &HashSet<Me
                 }
                 DecisionOp { id: index.to_string(), text, event: Event::Update, old_memory: Some(old(index)) }
             }
-            (Event::Update, Some(index), Some(_)) => DecisionOp { id: index.to_string(), text: old(index), event: Event::None, old_memory: None },
+            (Event::Update, Some(index), Some(_)) => {
+                DecisionOp { id: index.to_string(), text: old(index), event: Event::None, old_memory: None }
+            }
             (Event::Delete, Some(index), _) => {
                 if !changed.insert(candidates[index].memory.id) {
                     continue;
@@ -585,7 +596,8 @@ impl Distilled {
                 keep(examples, &kept);
             }
             if let Some(max) = sampling.max_examples_per_op {
-                let kept: HashSet<usize> = choose((0..examples.len()).collect(), max, Rng::derive(sampling.seed, stream, 1)).into_iter().collect();
+                let kept: HashSet<usize> =
+                    choose((0..examples.len()).collect(), max, Rng::derive(sampling.seed, stream, 1)).into_iter().collect();
                 keep(examples, &kept);
             }
         }
@@ -704,11 +716,22 @@ mod tests {
 
     #[test]
     fn answers_are_written_as_the_prompts_write_json() {
-        assert_eq!(facts_json(&["Sam adopted a puppy.", "Rex is \"small\"."]), r#"{"facts": ["Sam adopted a puppy.", "Rex is \"small\"."]}"#);
+        assert_eq!(
+            facts_json(&["Sam adopted a puppy.", "Rex is \"small\"."]),
+            r#"{"facts": ["Sam adopted a puppy.", "Rex is \"small\"."]}"#
+        );
         assert_eq!(facts_json(&[]), r#"{"facts": [" "]}"#);
-        let ops = [DecisionOp { id: "0".into(), text: "Sam lives in Rome.".into(), event: Event::Update, old_memory: Some("Sam lives in Paris.".into()) }];
+        let ops = [DecisionOp {
+            id: "0".into(),
+            text: "Sam lives in Rome.".into(),
+            event: Event::Update,
+            old_memory: Some("Sam lives in Paris.".into()),
+        }];
         // The update prompt's own example, character for character.
-        assert_eq!(memory_json(&ops), r#"{"memory": [{"id": "0", "text": "Sam lives in Rome.", "event": "UPDATE", "old_memory": "Sam lives in Paris."}]}"#);
+        assert_eq!(
+            memory_json(&ops),
+            r#"{"memory": [{"id": "0", "text": "Sam lives in Rome.", "event": "UPDATE", "old_memory": "Sam lives in Paris."}]}"#
+        );
         let prompts = crate::memory::prompts::Prompts::builtin();
         let update = prompts.render(Operation::Update, serde_json::json!({"fact": "x", "memories": []})).unwrap();
         assert!(memory_json(&ops).starts_with(&update.response_prefix));

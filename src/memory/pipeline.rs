@@ -382,7 +382,9 @@ impl MemoryPipeline {
 
 /// Recalled memories as the generation operation is given them.
 pub fn used_memories(hits: Vec<SearchHit>) -> Vec<UsedMemory> {
-    hits.into_iter().map(|hit| UsedMemory { id: hit.memory.id, text: hit.memory.text, date: hit.memory.event_time, score: hit.score }).collect()
+    hits.into_iter()
+        .map(|hit| UsedMemory { id: hit.memory.id, text: hit.memory.text, date: hit.memory.event_time, score: hit.score })
+        .collect()
 }
 
 /// The turns of `exchange` that say something.
