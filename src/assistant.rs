@@ -442,20 +442,10 @@ impl Assistant {
         'conversations: for conversation in conversations {
             for session in selected(conversation, sessions) {
                 summary.sessions += 1;
-                for chunk in session.turns.chunks(window) {
-                    let exchange = Exchange {
-                        turns: chunk
-                            .iter()
-                            .map(|t| Turn { id: Some(t.id.clone()), speaker: t.speaker.clone(), text: turn_text(t) })
-                            .collect(),
-                        date: session.date.clone().or_else(|| session.date_time.clone()),
-                        time: session.timestamp,
-                        conversation: Some(conversation.id.clone()),
-                        session: Some(format!("session_{}", session.number)),
-                    };
+                for exchange in session_exchanges(conversation, session, window) {
                     let report = self.remember(&exchange)?;
-                    turns_done += chunk.len();
-                    summary.turns += chunk.len();
+                    turns_done += exchange.turns.len();
+                    summary.turns += exchange.turns.len();
                     summary.count(&report);
                     let step = IngestProgress {
                         conversation: &conversation.id,
@@ -505,6 +495,22 @@ impl Assistant {
     pub fn set_extract_window(&mut self, turns: usize) {
         self.extract_window = turns.max(1);
     }
+}
+
+/// The exchanges an ingest remembers `session` in: `window` turns each (at least one),
+/// with the session's date and time.
+pub fn session_exchanges<'a>(
+    conversation: &'a Conversation,
+    session: &'a transcript::Session,
+    window: usize,
+) -> impl Iterator<Item = Exchange> + 'a {
+    session.turns.chunks(window.max(1)).map(move |chunk| Exchange {
+        turns: chunk.iter().map(|t| Turn { id: Some(t.id.clone()), speaker: t.speaker.clone(), text: turn_text(t) }).collect(),
+        date: session.date.clone().or_else(|| session.date_time.clone()),
+        time: session.timestamp,
+        conversation: Some(conversation.id.clone()),
+        session: Some(format!("session_{}", session.number)),
+    })
 }
 
 /// What the model reads of a turn: its text, and the caption of an image shared with it.

@@ -35,6 +35,9 @@ enum Command {
     /// Serve JSON Lines requests from stdin (ask, remember, search, forget, edit, undo,
     /// memories, ingest, adapters, status); one response line each on stdout.
     Batch(cli::batch::BatchArgs),
+    /// Build training sets for the memory experts (extract, update, generate) from LoCoMo.
+    #[command(subcommand)]
+    Distill(cli::distill::DistillCommand),
     /// Evaluate memory on LoCoMo.
     #[command(subcommand)]
     Eval(cli::eval::EvalCommand),
@@ -70,6 +73,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Failed requests were answered on stdout; the status says whether there were any.
         Some(Command::Batch(a)) => return Ok(if cli::batch::run(&env, a)? { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
         Some(Command::Bench(a)) => cli::bench::run(&env, a)?,
+        Some(Command::Distill(c)) => cli::distill::run(&env, c)?,
         Some(Command::Eval(c)) => cli::eval::run(&env, c)?,
         Some(Command::Ingest(a)) => cli::ingest::run(&env, a)?,
         Some(Command::Memory(c)) => cli::memory::run(&env, c)?,

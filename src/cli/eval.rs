@@ -15,9 +15,9 @@ use memlora::assistant::Assistant;
 use memlora::engine::cosine;
 use memlora::eval::locomo::{read_journal, IngestRecord, JournalWriter, Mode, Prediction, Report};
 use memlora::eval::metrics;
-use memlora::transcript::{self, Conversation};
+use memlora::transcript::Conversation;
 
-use super::Env;
+use super::{Env, LocomoData};
 
 #[derive(clap::Subcommand)]
 pub enum EvalCommand {
@@ -27,12 +27,8 @@ pub enum EvalCommand {
 
 #[derive(clap::Args)]
 pub struct LocomoArgs {
-    /// The LoCoMo JSON file.
-    #[arg(long)]
-    data: PathBuf,
-    /// Conversation ids (default: all in the file).
-    #[arg(long, value_delimiter = ',')]
-    conversations: Vec<String>,
+    #[command(flatten)]
+    locomo: LocomoData,
     /// Category ids to answer (5 = adversarial).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     categories: Vec<u8>,
@@ -60,9 +56,7 @@ pub enum Switch {
 
 pub fn run(env: &Env, command: EvalCommand) -> anyhow::Result<()> {
     let EvalCommand::Locomo(args) = command;
-    let conversations = transcript::load_locomo(&args.data)?;
-    let wanted = (!args.conversations.is_empty()).then_some(args.conversations.as_slice());
-    let conversations = transcript::select(conversations, wanted, &args.data)?;
+    let conversations = args.locomo.load()?;
     let work = PathBuf::from(format!("{}.d", args.out.display()));
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let predictions_path = work.join("predictions.jsonl");

@@ -7,6 +7,7 @@ pub mod ask;
 pub mod batch;
 pub mod bench;
 pub mod bench_memory;
+pub mod distill;
 pub mod eval;
 pub mod ingest;
 pub mod memory;
@@ -188,6 +189,15 @@ impl Env {
             })
             .collect();
         let memory = &self.config.memory;
+        let mut assistant = Assistant::new(chat, embedder, store, self.pipeline()?, adapters, sampling, memory.user_name.clone())?;
+        assistant.set_extract_window(memory.extract_window);
+        assistant.set_vision(Vision::new(self.vision_settings(use_bindings)?));
+        Ok(assistant)
+    }
+
+    /// The memory pipeline of the config: its prompts file and settings.
+    pub fn pipeline(&self) -> anyhow::Result<MemoryPipeline> {
+        let memory = &self.config.memory;
         let prompts_path = (!memory.prompts.is_empty()).then(|| PathBuf::from(&memory.prompts));
         let prompts = Prompts::load(prompts_path.as_deref())?;
         let settings = PipelineSettings {
@@ -195,11 +205,18 @@ impl Env {
             update_candidates: memory.update_candidates,
             undecided_facts: memory.undecided_facts,
         };
-        let mut assistant =
-            Assistant::new(chat, embedder, store, MemoryPipeline::new(prompts, settings), adapters, sampling, memory.user_name.clone())?;
-        assistant.set_extract_window(memory.extract_window);
-        assistant.set_vision(Vision::new(self.vision_settings(use_bindings)?));
-        Ok(assistant)
+        Ok(MemoryPipeline::new(prompts, settings))
+    }
+
+    /// The chat model of the config when it is a path or already in the model cache;
+    /// `None` (nothing pulled) otherwise.
+    pub fn cached_chat_model(&self) -> anyhow::Result<Option<ChatModel>> {
+        let model = &self.config.model;
+        let present = Path::new(model).exists() || self.catalog.get(model).is_some_and(|manifest| self.cache.resolve(manifest).is_some());
+        if !present {
+            return Ok(None);
+        }
+        Ok(Some(self.load_chat_model(model, &[])?.0))
     }
 
     /// The vision model's settings. The model is only located (not pulled: it is large and
@@ -280,6 +297,26 @@ impl Env {
         } else {
             self.paths.data_dir.join("adapters").join(name)
         }
+    }
+}
+
+/// A LoCoMo file and the conversations of it a command uses.
+#[derive(clap::Args)]
+pub struct LocomoData {
+    /// The LoCoMo JSON file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Conversation ids (default: all in the file).
+    #[arg(long, value_delimiter = ',')]
+    pub conversations: Vec<String>,
+}
+
+impl LocomoData {
+    /// The chosen conversations, in the order asked for; an unknown id is an error.
+    pub fn load(&self) -> anyhow::Result<Vec<memlora::transcript::Conversation>> {
+        let conversations = memlora::transcript::load_locomo(&self.data)?;
+        let wanted = (!self.conversations.is_empty()).then_some(self.conversations.as_slice());
+        Ok(memlora::transcript::select(conversations, wanted, &self.data)?)
     }
 }
 

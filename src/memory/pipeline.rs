@@ -208,6 +208,43 @@ impl MemoryPipeline {
         &self.prompts
     }
 
+    pub fn settings(&self) -> &PipelineSettings {
+        &self.settings
+    }
+
+    /// The **extract** prompt of `exchange` (`None` when none of its turns says anything).
+    /// Training sets are rendered by this same function, so that an adapter learns the
+    /// prompt it will be given.
+    pub fn extract_prompt(&self, exchange: &Exchange) -> Result<Option<RenderedPrompt>, PipelineError> {
+        let turns = spoken_turns(exchange);
+        if turns.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.prompts.render(Operation::Extract, json!({ "date": exchange.date, "turns": turns }))?))
+    }
+
+    /// The old memories the **update** operation is shown for `fact`, most similar first.
+    pub fn update_candidates(&self, fact: &str, embedding: &[f32], store: &MemoryStore) -> Result<Vec<SearchHit>, PipelineError> {
+        let query = SearchQuery {
+            text: fact.to_owned(),
+            embedding: Some(embedding.to_vec()),
+            top_k: self.settings.update_candidates,
+            ..SearchQuery::default()
+        };
+        Ok(store.search(&query)?)
+    }
+
+    /// The **update** prompt for `fact` with `candidates` numbered 0…n−1.
+    pub fn update_prompt(&self, fact: &str, candidates: &[SearchHit]) -> Result<RenderedPrompt, PipelineError> {
+        let memories: Vec<_> = candidates.iter().enumerate().map(|(index, hit)| json!({"id": index, "text": hit.memory.text})).collect();
+        Ok(self.prompts.render(Operation::Update, json!({ "fact": fact, "memories": memories }))?)
+    }
+
+    /// The **generate** prompt for `question` with `memories` in context.
+    pub fn generate_prompt(&self, question: &str, memories: &[UsedMemory]) -> Result<RenderedPrompt, PipelineError> {
+        Ok(self.prompts.render(Operation::Generate, json!({ "question": question, "memories": memories }))?)
+    }
+
     /// Extracts facts from `exchange`, decides what each changes and applies all the
     /// decisions as one batch: either all of them are durable or none is.
     pub fn remember(
@@ -219,12 +256,10 @@ impl MemoryPipeline {
     ) -> Result<TurnReport, PipelineError> {
         let started = Instant::now();
         let mut report = TurnReport::default();
-        let turns: Vec<&Turn> = exchange.turns.iter().filter(|turn| !turn.text.trim().is_empty()).collect();
-        if turns.is_empty() {
+        let turns = spoken_turns(exchange);
+        let Some(prompt) = self.extract_prompt(exchange)? else {
             return Ok(report);
-        }
-
-        let prompt = self.prompts.render(Operation::Extract, json!({ "date": exchange.date, "turns": turns }))?;
+        };
         let Some(output) = complete_json(model, Operation::Extract, &prompt, &mut report)? else {
             report.seconds = started.elapsed().as_secs_f64();
             return Ok(report);
@@ -268,13 +303,7 @@ impl MemoryPipeline {
         plan: &mut Plan,
         report: &mut TurnReport,
     ) -> Result<(), PipelineError> {
-        let query = SearchQuery {
-            text: fact.to_owned(),
-            embedding: Some(embedding.clone()),
-            top_k: self.settings.update_candidates,
-            ..SearchQuery::default()
-        };
-        let candidates = store.search(&query)?;
+        let candidates = self.update_candidates(fact, &embedding, store)?;
         // With nothing related there is nothing to decide; a repeat of a memory word for
         // word is known. Neither needs the model.
         if candidates.is_empty() {
@@ -285,8 +314,7 @@ impl MemoryPipeline {
             report.unchanged += 1;
             return Ok(());
         }
-        let memories: Vec<_> = candidates.iter().enumerate().map(|(index, hit)| json!({"id": index, "text": hit.memory.text})).collect();
-        let prompt = self.prompts.render(Operation::Update, json!({ "fact": fact, "memories": memories }))?;
+        let prompt = self.update_prompt(fact, &candidates)?;
         let mut decided = false;
         if let Some(output) = complete_json(model, Operation::Update, &prompt, report)? {
             match parse::parse_memory_ops(&output) {
@@ -335,11 +363,7 @@ impl MemoryPipeline {
         embedder: &mut dyn TextEmbedder,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Answer, PipelineError> {
-        let hits = self.recall(question, store, embedder)?;
-        let memories: Vec<UsedMemory> = hits
-            .into_iter()
-            .map(|hit| UsedMemory { id: hit.memory.id, text: hit.memory.text, date: hit.memory.event_time, score: hit.score })
-            .collect();
+        let memories = used_memories(self.recall(question, store, embedder)?);
         self.answer_with(question, memories, model, on_text)
     }
 
@@ -352,10 +376,22 @@ impl MemoryPipeline {
         model: &mut dyn LanguageModel,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Answer, PipelineError> {
-        let prompt = self.prompts.render(Operation::Generate, json!({ "question": question, "memories": memories }))?;
+        let prompt = self.generate_prompt(question, &memories)?;
         let completion = model.complete(Operation::Generate, &prompt, on_text)?;
         Ok(Answer { text: completion.text.clone(), memories, completion, image: None })
     }
+}
+
+/// Recalled memories as the generation operation is given them.
+pub fn used_memories(hits: Vec<SearchHit>) -> Vec<UsedMemory> {
+    hits.into_iter()
+        .map(|hit| UsedMemory { id: hit.memory.id, text: hit.memory.text, date: hit.memory.event_time, score: hit.score })
+        .collect()
+}
+
+/// The turns of `exchange` that say something.
+fn spoken_turns(exchange: &Exchange) -> Vec<&Turn> {
+    exchange.turns.iter().filter(|turn| !turn.text.trim().is_empty()).collect()
 }
 
 /// Runs `prompt` and returns the response prefix plus the model's continuation (`None`
@@ -405,8 +441,9 @@ fn embed_checked(embedder: &mut dyn TextEmbedder, texts: &[&str]) -> Result<Vec<
     Ok(embeddings)
 }
 
-/// Whitespace- and case-insensitive equality, ignoring a final full stop.
-fn same_text(a: &str, b: &str) -> bool {
+/// Whitespace- and case-insensitive equality, ignoring a final full stop: a repeat the
+/// update operation is never asked about.
+pub fn same_text(a: &str, b: &str) -> bool {
     let normal = |text: &str| text.trim().trim_end_matches('.').split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
     normal(a) == normal(b)
 }

@@ -24,6 +24,7 @@ pub use manifest::{
     Catalog, FileRole, HubSource, Manifest, ManifestFile, ManifestOrigin, ModelKind, PipSource, Source, DEFAULT_CHAT_MODEL,
     DEFAULT_EMBEDDING_MODEL,
 };
+pub(crate) use staging::hex;
 
 /// What a pull or verify is doing, for the CLI's progress display.
 #[derive(Debug, Clone, PartialEq, Eq)]
