@@ -313,7 +313,8 @@ impl Assistant {
             }
             VisionMode::Caption => {
                 let caption = vision.caption(&image)?;
-                let context = vec![UsedMemory { id: 0, text: format!("The image shows: {caption}"), date: None, score: 0.0 }];
+                let today = transcript::format_date(crate::memory::now());
+                let context = vec![UsedMemory { id: 0, text: format!("The image shows: {caption}"), date: Some(today), score: 0.0 }];
                 (self.answer_with(question, context, on_text)?, Some(caption))
             }
         };

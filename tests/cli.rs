@@ -297,6 +297,7 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
     let model = TinyModel::random(TinySpec::llama(), 24).write_gguf(&d.join("tiny.gguf"), GgmlDType::Q8_0);
     let embedder = d.join("tiny-bert");
     common::write_tiny_bert(&embedder);
+    let vision_model = common::write_tiny_smolvlm(&d.join("tiny-vlm"), 4);
     let png = d.join("cat.png");
     image::RgbImage::new(4, 3).save(&png).unwrap();
     std::fs::write(d.join("broken.png"), b"not an image").unwrap();
@@ -322,6 +323,7 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
         .arg(d.join("models-cache"))
         .args(["batch", "--model", model.to_str().unwrap()])
         .env("MEMLORA_EMBEDDER", &embedder)
+        .env("MEMLORA_VISION__MODEL", &vision_model)
         .env("MEMLORA_GENERATION__MAX_TOKENS", "6")
         .env("HF_HUB_OFFLINE", "1")
         .stdin(std::process::Stdio::piped())
@@ -344,7 +346,7 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
     assert!(lines[2]["error"].as_str().unwrap().starts_with("line 3: not JSON"), "{}", lines[2]);
     assert!(lines[3]["error"].as_str().unwrap().contains("unknown variant `fly`"), "{}", lines[3]);
     // The blank line 5 is skipped; a corrupt image is refused, a good one is attached to
-    // the next ask, which says it answered from the text (no vision model yet).
+    // the next ask, which the vision model answers looking at (a copy kept in the data dir).
     assert_eq!((lines[4]["id"].clone(), lines[4]["ok"].clone()), (serde_json::json!("bad-img"), serde_json::json!(false)));
     assert!(lines[4]["error"].as_str().unwrap().contains("broken.png"), "{}", lines[4]);
     assert_eq!((lines[5]["image"]["width"].clone(), lines[5]["image"]["height"].clone()), (serde_json::json!(4), serde_json::json!(3)));
@@ -353,8 +355,10 @@ fn batch_answers_every_line_in_order_and_reports_malformed_ones() {
     assert!(!tokens.is_empty() && tokens.iter().all(|t| t["id"] == 4));
     let answer = lines.iter().find(|l| l["id"] == 4 && l["event"].is_null()).unwrap();
     assert_eq!(answer["ok"], true);
-    assert_eq!(answer["image"]["path"], png.to_str().unwrap());
-    assert!(answer["vision"].as_str().unwrap().starts_with("unavailable"));
+    let looked_at = std::path::PathBuf::from(answer["image"].as_str().unwrap());
+    assert!(looked_at.starts_with(d.join("images")), "{answer}");
+    assert_eq!(std::fs::read(&looked_at).unwrap(), std::fs::read(&png).unwrap());
+    assert_eq!(answer["vision"], "native");
     let streamed: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
     assert_eq!(answer["text"].as_str().unwrap(), streamed);
     let rest: Vec<&serde_json::Value> = lines.iter().skip_while(|l| l["id"] != 4 || !l["event"].is_null()).skip(1).collect();

@@ -111,3 +111,91 @@ fn broken_checkpoints_get_one_line_errors_naming_the_file() {
     let error = VisionLanguageModel::load(&path, &LoadOptions::default()).err().unwrap().to_string();
     assert!(error.contains("vision tower") && error.contains("post_layernorm"), "{error}");
 }
+
+fn write_png(path: &std::path::Path, colour: [u8; 3]) {
+    picture(colour).save_with_format(path, image::ImageFormat::Png).unwrap();
+}
+
+#[test]
+fn an_image_memory_is_kept_and_a_later_question_looks_at_the_stored_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let chat =
+        common::TinyModel::random(common::TinySpec::llama(), 8).write_gguf(&d.join("chat.gguf"), candle_core::quantized::GgmlDType::Q8_0);
+    let vlm = write_tiny_smolvlm(&d.join("vlm"), 3);
+    let photo = d.join("holiday photo.png");
+    write_png(&photo, [200, 30, 30]);
+    let original = std::fs::read(&photo).unwrap();
+    let ask = |args: &[&str]| {
+        let out = common::memlora_command(d)
+            .env("MEMLORA_VISION__MODEL", &vlm)
+            .env("MEMLORA_GENERATION__MAX_TOKENS", "6")
+            .args(["ask", "--json", "--model", chat.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+
+    let first = ask(&["--image", photo.to_str().unwrap(), "What colour is my car?"]);
+    let stored = std::path::PathBuf::from(first["image"]["path"].as_str().unwrap());
+    assert_eq!(first["image"]["mode"], "native");
+    assert_eq!(first["looked_at"], first["image"]["path"], "the model looked at the stored copy");
+    assert!(stored.starts_with(d.join("images")), "{}", stored.display());
+    assert_eq!(std::fs::read(&stored).unwrap(), original);
+    let sha = first["image"]["sha256"].as_str().unwrap();
+    assert!(stored.file_name().unwrap().to_string_lossy().starts_with(sha));
+    let changes = first["remembered"]["changes"].as_array().unwrap();
+    let image_memory = changes.iter().find(|c| c["text"].as_str().unwrap().starts_with("User shared an image:")).unwrap();
+
+    // The memory points at the copy, which outlives the original.
+    let listed = common::json_of(d, &["memory", "show", "--json", &image_memory["id"].to_string()]);
+    assert_eq!(listed["memory"]["image"].as_str().map(std::path::PathBuf::from), Some(stored.clone()), "{listed}");
+    std::fs::remove_file(&photo).unwrap();
+
+    // A later question that recalls the image memory is answered looking at it again.
+    let later = ask(&["--no-remember", "What was in the image I shared?"]);
+    assert_eq!(later["looked_at"].as_str().map(std::path::PathBuf::from), Some(stored.clone()), "{later}");
+    assert!(later["memories_used"].as_array().unwrap().iter().any(|m| m["id"] == image_memory["id"]));
+
+    // In caption mode the chat model answers from the caption instead.
+    let captioned = ask(&["--vision", "caption", "--no-remember", "--image", stored.to_str().unwrap(), "What colour?"]);
+    assert_eq!(captioned["image"]["mode"], "caption");
+    assert!(captioned["looked_at"].is_null());
+    assert!(captioned["image"]["caption"].is_string());
+}
+
+#[test]
+fn bad_images_and_a_missing_vision_model_get_one_line_errors_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let chat =
+        common::TinyModel::random(common::TinySpec::llama(), 8).write_gguf(&d.join("chat.gguf"), candle_core::quantized::GgmlDType::Q8_0);
+    let vlm = write_tiny_smolvlm(&d.join("vlm"), 3);
+    let run = |vision_model: &std::path::Path, image: &std::path::Path| {
+        common::memlora_command(d)
+            .env("MEMLORA_VISION__MODEL", vision_model)
+            .args(["ask", "--model", chat.to_str().unwrap(), "--image", image.to_str().unwrap(), "What is it?"])
+            .output()
+            .unwrap()
+    };
+    let empty = d.join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    common::assert_one_line_error(&run(&vlm, &empty), &["empty.png", "empty"]);
+    let text = d.join("notes.jpg");
+    std::fs::write(&text, "not a picture").unwrap();
+    common::assert_one_line_error(&run(&vlm, &text), &["notes.jpg", "not an image in a supported format"]);
+    let cut = d.join("cut.png");
+    let mut bytes = Vec::new();
+    picture([1, 2, 3]).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    common::assert_one_line_error(&run(&vlm, &cut), &["cut.png"]);
+    common::assert_one_line_error(&run(&vlm, &d.join("missing.gif")), &["missing.gif"]);
+    let good = d.join("good.png");
+    write_png(&good, [5, 5, 5]);
+    common::assert_one_line_error(&run(&d.join("no-such-model"), &good), &["vision model is not available", "no-such-model"]);
+    assert!(!d.join("images").exists(), "nothing was stored");
+    let memories = common::json_of(d, &["memory", "list", "--json"]);
+    assert_eq!(memories.as_array().map(Vec::len), Some(0), "{memories}");
+}
