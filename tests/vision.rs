@@ -199,3 +199,37 @@ fn bad_images_and_a_missing_vision_model_get_one_line_errors_and_store_nothing()
     let memories = common::json_of(d, &["memory", "list", "--json"]);
     assert_eq!(memories.as_array().map(Vec::len), Some(0), "{memories}");
 }
+
+#[test]
+fn eval_vqa_asks_each_question_about_its_image_and_reports_accuracy_per_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let chat =
+        common::TinyModel::random(common::TinySpec::llama(), 8).write_gguf(&d.join("chat.gguf"), candle_core::quantized::GgmlDType::Q8_0);
+    let vlm = write_tiny_smolvlm(&d.join("vlm"), 3);
+    let set = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/vqa");
+    let report_path = d.join("vqa.json");
+    for mode in ["native", "caption"] {
+        let out = common::memlora_command(d)
+            .env("MEMLORA_VISION__MODEL", &vlm)
+            .env("MEMLORA_MODEL", &chat)
+            .args(["eval", "vqa", "--data", set.to_str().unwrap(), "--limit", "3", "--vision", mode, "--out"])
+            .arg(&report_path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+        assert_eq!(report["mode"], mode);
+        let predictions = report["predictions"].as_array().unwrap();
+        assert_eq!(predictions.len(), 3);
+        for p in predictions {
+            let right = memlora::eval::vqa::correct(p["prediction"].as_str().unwrap(), p["answer"].as_str().unwrap());
+            assert_eq!(p["correct"], right, "{p}");
+        }
+        let right = predictions.iter().filter(|p| p["correct"] == true).count() as f64;
+        assert!((report["overall"].as_f64().unwrap() - 100.0 * right / 3.0).abs() < 1e-9);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("counting"));
+    }
+    // Nothing of the evaluation lands in the profile's memories.
+    assert_eq!(common::json_of(d, &["memory", "list", "--json"]).as_array().map(Vec::len), Some(0));
+}

@@ -23,6 +23,9 @@ use super::{Env, LocomoData};
 pub enum EvalCommand {
     /// Answer LoCoMo's questions after ingesting each conversation; score and report.
     Locomo(LocomoArgs),
+    /// Visual questions with one-word answers (counting, colours, the odd object): the vision
+    /// model looks at each image (or only captions it); exact-match accuracy.
+    Vqa(super::eval_vqa::VqaArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,7 +58,10 @@ pub enum Switch {
 }
 
 pub fn run(env: &Env, command: EvalCommand) -> anyhow::Result<()> {
-    let EvalCommand::Locomo(args) = command;
+    let args = match command {
+        EvalCommand::Locomo(args) => args,
+        EvalCommand::Vqa(args) => return super::eval_vqa::run(env, args),
+    };
     let conversations = args.locomo.load()?;
     let work = PathBuf::from(format!("{}.d", args.out.display()));
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;

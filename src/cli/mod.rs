@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bench_memory;
 pub mod distill;
 pub mod eval;
+pub mod eval_vqa;
 pub mod ingest;
 pub mod memory;
 pub mod models;

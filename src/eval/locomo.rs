@@ -11,13 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics::{Score, Summary, Totals};
 use crate::assistant::IngestSummary;
 
-#[derive(Debug, thiserror::Error)]
-pub enum EvalError {
-    #[error("cannot {action} {}: {error}", .path.display())]
-    Io { action: &'static str, path: PathBuf, error: std::io::Error },
-    #[error("{} line {line}: {reason}", .path.display())]
-    Corrupt { path: PathBuf, line: usize, reason: String },
-}
+pub use super::EvalError;
 
 /// How answers get their context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
