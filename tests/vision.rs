@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{max_abs_diff, tiny_smolvlm_decoder, write_tiny_smolvlm, write_tiny_smolvlm_with};
+use common::{max_abs_diff, write_tiny_smolvlm};
 use image::{DynamicImage, Rgb, RgbImage};
 use memlora::adapters::LoraAdapter;
 use memlora::engine::vision::VisionLanguageModel;
@@ -64,19 +64,25 @@ fn a_tiny_smolvlm_loads_encodes_an_image_and_generates_deterministically() {
 #[test]
 fn a_lora_on_the_text_decoder_changes_the_logits_as_its_delta_w_says() {
     let dir = tempfile::tempdir().unwrap();
-    let decoder = tiny_smolvlm_decoder(5);
-    let base_path = write_tiny_smolvlm_with(&dir.path().join("base"), &decoder, 5);
+    let base_path = write_tiny_smolvlm(&dir.path().join("base"), 5);
     let mut base = VisionLanguageModel::load(&base_path, &LoadOptions::default()).unwrap();
     let config = base.chat_model().decoder_config().clone();
     let adapter = LoraAdapter::random(&config, 4, 8.0, &[TargetModule::Q, TargetModule::V], 0.3, 9).unwrap();
 
-    // The same model with ΔW = scale·B·A added to each adapted weight.
-    let mut merged = decoder.clone();
+    // The same checkpoint with ΔW = scale·B·A added to each adapted weight.
+    let merged_path = dir.path().join("merged");
+    std::fs::create_dir_all(&merged_path).unwrap();
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(base_path.join(file), merged_path.join(file)).unwrap();
+    }
+    let mut tensors = candle_core::safetensors::load(base_path.join("model.safetensors"), &Device::Cpu).unwrap();
     for (key, pair) in &adapter.modules {
         let delta = (pair.b.matmul(&pair.a).unwrap() * adapter.scale()).unwrap();
-        merged = merged.with_added(&format!("model.layers.{}.self_attn.{}.weight", key.layer, key.module.hf_name()), &delta);
+        let name = format!("model.text_model.layers.{}.self_attn.{}.weight", key.layer, key.module.hf_name());
+        let weight = (&tensors[&name] + delta).unwrap();
+        tensors.insert(name, weight);
     }
-    let merged_path = write_tiny_smolvlm_with(&dir.path().join("merged"), &merged, 5);
+    candle_core::safetensors::save(&tensors, merged_path.join("model.safetensors")).unwrap();
     let mut reference = VisionLanguageModel::load(&merged_path, &LoadOptions::default()).unwrap();
 
     base.chat_model_mut().attach_adapter("vision-expert", &adapter).unwrap();

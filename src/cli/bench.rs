@@ -13,7 +13,9 @@ use super::Env;
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// engine: model speed; memory: the memory pipeline on a conversation; retrieval:
-    /// search latency by store size.
+    /// search latency by store size; vision: the vision model's load, image encoding and
+    /// decoding (`vision.model`, or random weights of SmolVLM-256M's size when it is not
+    /// downloaded).
     #[arg(long, value_enum, default_value_t = Suite::Engine)]
     suite: Suite,
     #[command(flatten)]
@@ -48,6 +50,7 @@ pub enum Suite {
     Engine,
     Memory,
     Retrieval,
+    Vision,
 }
 
 pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
@@ -55,6 +58,7 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
         Suite::Engine => {}
         Suite::Memory => return super::bench_memory::memory(env, args.model.as_deref(), &args.memory, args.json),
         Suite::Retrieval => return super::bench_memory::retrieval(env, &args.memory, args.json),
+        Suite::Vision => return vision(env, args.steps, args.repeat, args.json),
     }
     let model_name = args.model.clone().unwrap_or_else(|| env.config.model.clone());
     let (mut chat, active) = env.load_chat_model(&model_name, &args.adapters)?;
@@ -188,4 +192,67 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Load time, image encoding time and decode speed of the vision model: the configured one
+/// when it is present, else one of SmolVLM-256M's exact shape with random weights (the
+/// speed of the arithmetic does not depend on the values).
+fn vision(env: &Env, steps: usize, repeat: usize, json_out: bool) -> anyhow::Result<()> {
+    use memlora::engine::vision::{write_random_checkpoint, SmolVlmShape, VisionLanguageModel};
+    let settings = env.vision_settings(false)?;
+    let scratch = tempfile::tempdir()?;
+    let (dir, weights) = match &settings.model {
+        Ok(dir) => (dir.clone(), "real"),
+        Err(why) => {
+            eprintln!("memlora: {why}; measuring random weights of SmolVLM-256M's size instead");
+            let dir = scratch.path().join("smolvlm-256m-random");
+            write_random_checkpoint(&dir, &SmolVlmShape::SMOLVLM_256M, 7)?;
+            (dir, "random")
+        }
+    };
+    let started = Instant::now();
+    let mut model = VisionLanguageModel::load(&dir, &settings.load)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let image =
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])));
+    let mut encode = Vec::new();
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    // Random weights rarely produce the end-of-turn token, so `steps` tokens are decoded.
+    let sampling = memlora::engine::SamplingParams { max_tokens: steps, temperature: 0.0, ..memlora::engine::SamplingParams::default() };
+    for _ in 0..repeat.max(1) {
+        let features = model.encode(&image)?;
+        encode.push(features.seconds);
+        let generation =
+            model.answer(&features, "What is in the picture?", &sampling, &[], &mut |_| std::ops::ControlFlow::Continue(()))?;
+        prefill.push(generation.prefill_seconds);
+        if generation.completion_tokens > 1 {
+            decode.push(generation.decode_tokens_per_second());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1e6);
+    let (encode, prefill, decode) = (median(&mut encode), median(&mut prefill), median(&mut decode));
+    let tokens_per_image = model.tokens_per_image();
+    if json_out {
+        println!(
+            "{}",
+            json!({"model": dir, "weights": weights, "load_seconds": load_seconds, "encode_seconds": encode,
+                   "tokens_per_image": tokens_per_image, "prefill_seconds": prefill, "decode_tokens_per_second": decode,
+                   "peak_rss_mb": peak_rss_mb})
+        );
+    } else {
+        println!("vision model      {} ({weights} weights)", dir.display());
+        println!("load              {load_seconds:.2} s");
+        println!("encode an image   {encode:.2} s (→ {tokens_per_image} image tokens)");
+        println!("prefill           {prefill:.2} s (image tokens + question)");
+        println!("decode            {decode:.1} tokens/s");
+        if let Some(mb) = peak_rss_mb {
+            println!("peak memory       {mb:.0} MB");
+        }
+    }
+    Ok(())
 }

@@ -246,3 +246,180 @@ mod tests {
         assert!(pixel_shuffle(&Tensor::zeros((1, 12, 1), DType::F32, &Device::Cpu).unwrap(), 2).is_err());
     }
 }
+
+/// The dimensions of a SmolVLM checkpoint, for random ones (benchmarks, tests).
+#[derive(Debug, Clone, Copy)]
+pub struct SmolVlmShape {
+    pub text_hidden: usize,
+    pub text_intermediate: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub text_kv_heads: usize,
+    /// At least the tokenizer's 256 byte tokens and its special tokens.
+    pub vocab: usize,
+    pub vision_hidden: usize,
+    pub vision_intermediate: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub scale_factor: usize,
+}
+
+impl SmolVlmShape {
+    /// HuggingFaceTB/SmolVLM-256M-Instruct.
+    pub const SMOLVLM_256M: SmolVlmShape = SmolVlmShape {
+        text_hidden: 576,
+        text_intermediate: 1536,
+        text_layers: 30,
+        text_heads: 9,
+        text_kv_heads: 3,
+        vocab: 49280,
+        vision_hidden: 768,
+        vision_intermediate: 3072,
+        vision_layers: 12,
+        vision_heads: 12,
+        image_size: 512,
+        patch_size: 16,
+        scale_factor: 4,
+    };
+
+    /// Small enough for unit tests: 32 × 32 images in 8 × 8 patches, 4 image tokens.
+    pub const TINY: SmolVlmShape = SmolVlmShape {
+        text_hidden: 64,
+        text_intermediate: 128,
+        text_layers: 2,
+        text_heads: 4,
+        text_kv_heads: 2,
+        vocab: 300,
+        vision_hidden: 32,
+        vision_intermediate: 64,
+        vision_layers: 2,
+        vision_heads: 2,
+        image_size: 32,
+        patch_size: 8,
+        scale_factor: 2,
+    };
+}
+
+/// Writes a SmolVLM checkpoint directory of `shape` with random weights (seeded) under the
+/// real tensor names, and a byte-level tokenizer with SmolVLM's special tokens: what the
+/// benchmark measures when the real weights are not at hand, and what tests load.
+pub fn write_random_checkpoint(dir: &Path, shape: &SmolVlmShape, seed: u64) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let failed = |e: &dyn std::fmt::Display| bad_file(dir, e);
+    std::fs::create_dir_all(dir).map_err(|e| failed(&e))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+    let mut put = |name: String, dims: &[usize], bound: f32, offset: f32| -> Result<()> {
+        let n: usize = dims.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| offset + rng.random_range(-bound..=bound)).collect();
+        tensors.insert(name, Tensor::from_vec(data, dims, &Device::Cpu)?);
+        Ok(())
+    };
+    let s = shape;
+    let head_dim = s.text_hidden / s.text_heads;
+    let t = "model.text_model";
+    put(format!("{t}.embed_tokens.weight"), &[s.vocab, s.text_hidden], 1.0, 0.0)?;
+    put(format!("{t}.norm.weight"), &[s.text_hidden], 0.2, 1.0)?;
+    for i in 0..s.text_layers {
+        let p = format!("{t}.layers.{i}");
+        let (h, ff, q, kv) = (s.text_hidden, s.text_intermediate, s.text_heads * head_dim, s.text_kv_heads * head_dim);
+        for (name, out, inp) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", ff, h),
+            ("mlp.up_proj", ff, h),
+            ("mlp.down_proj", h, ff),
+        ] {
+            put(format!("{p}.{name}.weight"), &[out, inp], 1.0 / (inp as f32).sqrt(), 0.0)?;
+        }
+        put(format!("{p}.input_layernorm.weight"), &[h], 0.2, 1.0)?;
+        put(format!("{p}.post_attention_layernorm.weight"), &[h], 0.2, 1.0)?;
+    }
+    let v = "model.vision_model";
+    let (d, ff) = (s.vision_hidden, s.vision_intermediate);
+    let patches = (s.image_size / s.patch_size).pow(2);
+    put(format!("{v}.embeddings.patch_embedding.weight"), &[d, 3, s.patch_size, s.patch_size], 0.1, 0.0)?;
+    put(format!("{v}.embeddings.patch_embedding.bias"), &[d], 0.1, 0.0)?;
+    put(format!("{v}.embeddings.position_embedding.weight"), &[patches, d], 0.5, 0.0)?;
+    let mut norms = vec![format!("{v}.post_layernorm")];
+    for i in 0..s.vision_layers {
+        let p = format!("{v}.encoder.layers.{i}");
+        norms.push(format!("{p}.layer_norm1"));
+        norms.push(format!("{p}.layer_norm2"));
+        for module in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            put(format!("{p}.self_attn.{module}.weight"), &[d, d], 1.0 / (d as f32).sqrt(), 0.0)?;
+            put(format!("{p}.self_attn.{module}.bias"), &[d], 0.1, 0.0)?;
+        }
+        put(format!("{p}.mlp.fc1.weight"), &[ff, d], 1.0 / (d as f32).sqrt(), 0.0)?;
+        put(format!("{p}.mlp.fc1.bias"), &[ff], 0.1, 0.0)?;
+        put(format!("{p}.mlp.fc2.weight"), &[d, ff], 1.0 / (ff as f32).sqrt(), 0.0)?;
+        put(format!("{p}.mlp.fc2.bias"), &[d], 0.1, 0.0)?;
+    }
+    for norm in norms {
+        put(format!("{norm}.weight"), &[d], 0.1, 1.0)?;
+        put(format!("{norm}.bias"), &[d], 0.1, 0.0)?;
+    }
+    let shuffled = d * s.scale_factor * s.scale_factor;
+    put("model.connector.modality_projection.proj.weight".into(), &[s.text_hidden, shuffled], 1.0 / (shuffled as f32).sqrt(), 0.0)?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).map_err(|e| failed(&e))?;
+
+    let config = serde_json::json!({
+        "architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3", "scale_factor": s.scale_factor,
+        "text_config": {
+            "model_type": "llama", "vocab_size": s.vocab, "hidden_size": s.text_hidden, "intermediate_size": s.text_intermediate,
+            "num_hidden_layers": s.text_layers, "num_attention_heads": s.text_heads, "num_key_value_heads": s.text_kv_heads,
+            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": true,
+        },
+        "vision_config": {
+            "hidden_size": d, "intermediate_size": ff, "num_hidden_layers": s.vision_layers, "num_attention_heads": s.vision_heads,
+            "num_channels": 3, "image_size": s.image_size, "patch_size": s.patch_size, "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        },
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).map_err(|e| failed(&e))?;
+    std::fs::write(dir.join("tokenizer.json"), byte_tokenizer_json().to_string()).map_err(|e| failed(&e))?;
+    let tokenizer_config = serde_json::json!({"eos_token": "<end_of_utterance>", "bos_token": null});
+    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).map_err(|e| failed(&e))
+}
+
+/// SmolVLM's special tokens, after the 256 byte tokens of [`byte_tokenizer_json`].
+pub const RANDOM_CHECKPOINT_SPECIALS: [&str; 6] =
+    ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", IMAGE_TOKEN, AROUND_IMAGE, GLOBAL_IMAGE];
+
+/// A byte-level BPE tokenizer without merges: every byte is a token, then the specials.
+fn byte_tokenizer_json() -> serde_json::Value {
+    // GPT-2's reversible byte → printable character mapping.
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars = printable.clone();
+    for (extra, b) in (0..256u32).filter(|b| !printable.contains(b)).collect::<Vec<_>>().into_iter().enumerate() {
+        printable.push(b);
+        chars.push(256 + extra as u32);
+    }
+    let mut by_byte: Vec<(u32, u32)> = printable.into_iter().zip(chars).collect();
+    by_byte.sort();
+    let mut vocab = serde_json::Map::new();
+    for (id, (_, c)) in by_byte.iter().enumerate() {
+        vocab.insert(char::from_u32(*c).expect("valid mapping").to_string(), id.into());
+    }
+    let added: Vec<serde_json::Value> = RANDOM_CHECKPOINT_SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            vocab.insert(token.to_string(), (256 + i).into());
+            serde_json::json!({"id": 256 + i, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": true})
+        })
+        .collect();
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    })
+}

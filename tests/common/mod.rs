@@ -51,7 +51,6 @@ pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + messag
 pub struct TinyVocab {
     pub tokens: Vec<String>,
     pub merges: Vec<String>,
-    pub specials: Vec<String>,
 }
 
 impl TinyVocab {
@@ -63,17 +62,7 @@ impl TinyVocab {
             tokens.push(format!("{}{}", pair.0, pair.1));
         }
         tokens.extend(SPECIALS.iter().map(|s| s.to_string()));
-        Self { tokens, merges, specials: SPECIALS.iter().map(|s| s.to_string()).collect() }
-    }
-
-    /// The vocabulary with more special tokens after the usual ones.
-    pub fn with_specials(extra: &[&str]) -> Self {
-        let mut vocab = Self::new();
-        for special in extra {
-            vocab.tokens.push(special.to_string());
-            vocab.specials.push(special.to_string());
-        }
-        vocab
+        Self { tokens, merges }
     }
     pub fn len(&self) -> usize {
         self.tokens.len()
@@ -85,8 +74,7 @@ impl TinyVocab {
     pub fn tokenizer_json(&self) -> serde_json::Value {
         let vocab: serde_json::Map<String, serde_json::Value> =
             self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-        let added: Vec<_> = self
-            .specials
+        let added: Vec<_> = SPECIALS
             .iter()
             .map(|s| json!({"id": self.id(s), "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
             .collect();
@@ -140,10 +128,7 @@ pub const PROJECTIONS: [(&str, &str); 7] = [
 
 impl TinyModel {
     pub fn random(spec: TinySpec, seed: u64) -> Self {
-        Self::random_with_vocab(spec, TinyVocab::new().len(), seed)
-    }
-
-    pub fn random_with_vocab(spec: TinySpec, vocab_size: usize, seed: u64) -> Self {
+        let vocab_size = TinyVocab::new().len();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut t = |shape: (usize, usize), bound: f32| {
             let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random_range(-bound..bound)).collect();
@@ -416,79 +401,9 @@ pub fn json_of(data_dir: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// SmolVLM's image and turn tokens.
-pub const SMOLVLM_SPECIALS: [&str; 4] = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"];
-
-/// A tiny random SmolVLM (Idefics3) checkpoint directory with the real tensor names: a
-/// SigLIP tower on 32×32 images in 8×8 patches (16 patches, shuffled by 2 into 4 image
-/// tokens), the connector, and the tiny llama as its decoder.
+/// A tiny random SmolVLM (Idefics3) checkpoint directory, written by the library's own
+/// writer with the real tensor names: 32×32 images, 4 image tokens, a 2-layer decoder.
 pub fn write_tiny_smolvlm(dir: &Path, seed: u64) -> PathBuf {
-    write_tiny_smolvlm_with(dir, &tiny_smolvlm_decoder(seed), seed)
-}
-
-/// The decoder of [`write_tiny_smolvlm`]'s model.
-pub fn tiny_smolvlm_decoder(seed: u64) -> TinyModel {
-    TinyModel::random_with_vocab(TinySpec::llama(), TinyVocab::with_specials(&SMOLVLM_SPECIALS).len(), seed)
-}
-
-/// [`write_tiny_smolvlm`] with `text` as its decoder.
-pub fn write_tiny_smolvlm_with(dir: &Path, text: &TinyModel, seed: u64) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let vocab = TinyVocab::with_specials(&SMOLVLM_SPECIALS);
-    let spec = text.spec;
-    let mut tensors: std::collections::HashMap<String, Tensor> = text
-        .tensors
-        .iter()
-        .map(|(name, t)| (name.strip_prefix("model.").map_or(name.clone(), |rest| format!("model.text_model.{rest}")), t.clone()))
-        .collect();
-    let (d, ff, layers, side, patch) = (32usize, 64usize, 2usize, 32usize, 8usize);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-    let mut t = |shape: &[usize], bound: f32| {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    };
-    let v = "model.vision_model";
-    tensors.insert(format!("{v}.embeddings.patch_embedding.weight"), t(&[d, 3, patch, patch], 0.1));
-    tensors.insert(format!("{v}.embeddings.patch_embedding.bias"), t(&[d], 0.1));
-    tensors.insert(format!("{v}.embeddings.position_embedding.weight"), t(&[(side / patch) * (side / patch), d], 0.5));
-    let mut norm = |name: String, t: &mut dyn FnMut(&[usize], f32) -> Tensor| {
-        tensors.insert(format!("{name}.weight"), (t(&[d], 0.1) + 1.0).unwrap());
-        tensors.insert(format!("{name}.bias"), t(&[d], 0.1));
-    };
-    for i in 0..layers {
-        norm(format!("{v}.encoder.layers.{i}.layer_norm1"), &mut t);
-        norm(format!("{v}.encoder.layers.{i}.layer_norm2"), &mut t);
-    }
-    norm(format!("{v}.post_layernorm"), &mut t);
-    for i in 0..layers {
-        let p = format!("{v}.encoder.layers.{i}");
-        for module in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            tensors.insert(format!("{p}.self_attn.{module}.weight"), t(&[d, d], 0.3));
-            tensors.insert(format!("{p}.self_attn.{module}.bias"), t(&[d], 0.1));
-        }
-        tensors.insert(format!("{p}.mlp.fc1.weight"), t(&[ff, d], 0.3));
-        tensors.insert(format!("{p}.mlp.fc1.bias"), t(&[ff], 0.1));
-        tensors.insert(format!("{p}.mlp.fc2.weight"), t(&[d, ff], 0.3));
-        tensors.insert(format!("{p}.mlp.fc2.bias"), t(&[d], 0.1));
-    }
-    tensors.insert("model.connector.modality_projection.proj.weight".into(), t(&[spec.hidden, d * 4], 0.5));
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    let config = json!({
-        "architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3", "scale_factor": 2,
-        "text_config": {
-            "model_type": "llama", "vocab_size": vocab.len(), "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
-            "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": spec.tied,
-        },
-        "vision_config": {
-            "hidden_size": d, "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": 2,
-            "num_channels": 3, "image_size": side, "patch_size": patch, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
-        },
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), vocab.tokenizer_json().to_string()).unwrap();
-    let tokenizer_config = json!({"chat_template": CHATML, "eos_token": "<end_of_utterance>", "bos_token": null});
-    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+    memlora::engine::vision::write_random_checkpoint(dir, &memlora::engine::vision::SmolVlmShape::TINY, seed).unwrap();
     dir.to_path_buf()
 }
