@@ -192,6 +192,15 @@ impl ChatModel {
         &self.tokenizer
     }
 
+    /// Makes generation also stop at `token`; false when the tokenizer has no such token.
+    pub fn stop_at(&mut self, token: &str) -> bool {
+        let Some(id) = self.tokenizer.token_id(token) else { return false };
+        if !self.tokenizer.stop_ids.contains(&id) {
+            self.tokenizer.stop_ids.push(id);
+        }
+        true
+    }
+
     pub fn decoder_config(&self) -> &DecoderConfig {
         self.decoder.config()
     }

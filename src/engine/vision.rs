@@ -29,6 +29,7 @@ const GLOBAL_IMAGE: &str = "<global-img>";
 
 /// SmolVLM's chat format (its template, rendered for one user turn with one image).
 const PROMPT_START: &str = "<|im_start|>User:";
+const TURN_END: &str = "<end_of_utterance>";
 const PROMPT_END: &str = "<end_of_utterance>\nAssistant:";
 
 /// What SmolVLM's `config.json` adds to its decoder's.
@@ -100,7 +101,9 @@ impl VisionLanguageModel {
             Err(_) => Preprocessor { image_mean: half(), image_std: half() },
         };
 
-        let chat = ChatModel::load(dir, options)?;
+        let mut chat = ChatModel::load(dir, options)?;
+        // SmolVLM ends its turns with this token, whatever tokenizer_config.json says.
+        chat.stop_at(TURN_END);
         let hidden = chat.decoder_config().hidden_size;
         let tokenizer = chat.tokenizer();
         let token = |name: &str| {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::manifest::{FileRole, Manifest, ManifestFile, Source};
-use super::staging::{create_dir_all, hash_file};
+use super::staging::{create_dir_all, expected_pin, hash_file};
 use super::{hub, pip, ProvisionError, PullEvent, SourceFailure};
 
 const DEFAULT_HUB_ENDPOINT: &str = "https://huggingface.co";
@@ -97,13 +97,14 @@ pub struct FileStatus {
     pub exists: bool,
     /// `None` when the file does not exist.
     pub size_on_disk: Option<u64>,
-    pub expected_size: u64,
+    /// The manifest's size, or the first pull's record of it; `None` before that pull.
+    pub expected_size: Option<u64>,
 }
 
 impl FileStatus {
-    /// Present with the manifest's size (not hashed).
+    /// Present with the expected size (not hashed).
     pub fn is_complete(&self) -> bool {
-        self.size_on_disk == Some(self.expected_size)
+        self.size_on_disk.is_some() && self.size_on_disk == self.expected_size
     }
 }
 
@@ -163,15 +164,9 @@ impl ModelCache {
             .iter()
             .map(|file| {
                 let path = self.file_path(manifest, file);
+                let expected_size = expected_pin(file, &path).map(|(_, size)| size);
                 let size_on_disk = fs::metadata(&path).ok().filter(|metadata| metadata.is_file()).map(|metadata| metadata.len());
-                FileStatus {
-                    name: file.name.clone(),
-                    role: file.role,
-                    path,
-                    exists: size_on_disk.is_some(),
-                    size_on_disk,
-                    expected_size: file.size,
-                }
+                FileStatus { name: file.name.clone(), role: file.role, path, exists: size_on_disk.is_some(), size_on_disk, expected_size }
             })
             .collect();
         ModelStatus {
@@ -179,7 +174,7 @@ impl ModelCache {
             dir: self.model_dir(manifest),
             present: files.iter().all(FileStatus::is_complete),
             total_bytes: files.iter().filter_map(|file| file.size_on_disk).sum(),
-            expected_bytes: manifest.total_size(),
+            expected_bytes: files.iter().filter_map(|file| file.expected_size).sum(),
             files,
         }
     }
@@ -249,21 +244,25 @@ impl ModelCache {
             if !path.is_file() {
                 return Err(ProvisionError::MissingFile { model: manifest.name.clone(), file: file.name.clone(), path });
             }
+            let Some((expected_sha256, expected_size)) = expected_pin(file, &path) else {
+                // Present without its first pull's record: nothing to check it against.
+                return Err(ProvisionError::MissingFile { model: manifest.name.clone(), file: format!("{}.sha256", file.name), path });
+            };
             progress(PullEvent::Verifying { file: file.name.clone() });
             let (actual, size) = hash_file(&path, &file.name, progress)?;
-            if size != file.size {
+            if size != expected_size {
                 return Err(ProvisionError::SizeMismatch {
                     model: manifest.name.clone(),
                     file: file.name.clone(),
-                    expected: file.size,
+                    expected: expected_size,
                     actual: size,
                 });
             }
-            if actual != file.sha256 {
+            if actual != expected_sha256 {
                 return Err(ProvisionError::ChecksumMismatch {
                     model: manifest.name.clone(),
                     file: file.name.clone(),
-                    expected: file.sha256.clone(),
+                    expected: expected_sha256,
                     actual,
                 });
             }

@@ -87,14 +87,9 @@ fn download(
         return Err(ProvisionError::HttpStatus { url, status, hint });
     }
     // A size that already disagrees means a different file; don't download it to find out.
-    if let Some(length) = response.body().content_length() {
-        if length != file.size {
-            return Err(ProvisionError::SizeMismatch {
-                model: manifest.name.clone(),
-                file: file.name.clone(),
-                expected: file.size,
-                actual: length,
-            });
+    if let (Some(length), Some(expected)) = (response.body().content_length(), file.size) {
+        if length != expected {
+            return Err(ProvisionError::SizeMismatch { model: manifest.name.clone(), file: file.name.clone(), expected, actual: length });
         }
     }
     let mut staged = StagedFile::create(&manifest.name, file, dir.join(&file.name))?;
@@ -117,7 +112,7 @@ fn copy_from_hf_cache(
         let Ok(metadata) = fs::metadata(&candidate) else {
             continue;
         };
-        if !metadata.is_file() || metadata.len() != file.size {
+        if !metadata.is_file() || file.size.is_some_and(|size| metadata.len() != size) {
             continue;
         }
         let copied = File::open(&candidate)

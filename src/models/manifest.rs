@@ -18,6 +18,7 @@ const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
     ("models/smollm2-135m-instruct.toml", include_str!("../../models/smollm2-135m-instruct.toml")),
     ("models/all-minilm-l6-v2.toml", include_str!("../../models/all-minilm-l6-v2.toml")),
     ("models/gemma-3-270m.toml", include_str!("../../models/gemma-3-270m.toml")),
+    ("models/smolvlm-256m-instruct.toml", include_str!("../../models/smolvlm-256m-instruct.toml")),
 ];
 
 /// Weight formats the engine can load.
@@ -47,6 +48,8 @@ pub enum FileRole {
     Weights,
     Tokenizer,
     Config,
+    /// Anything else the model reads from its directory (`tokenizer_config.json`, …).
+    Extra,
 }
 
 impl fmt::Display for FileRole {
@@ -55,6 +58,7 @@ impl fmt::Display for FileRole {
             FileRole::Weights => "weights",
             FileRole::Tokenizer => "tokenizer",
             FileRole::Config => "config",
+            FileRole::Extra => "extra",
         })
     }
 }
@@ -80,9 +84,12 @@ impl fmt::Display for ManifestOrigin {
 pub struct ManifestFile {
     /// Relative path inside the model's cache directory ('/'-separated, no `..`).
     pub name: String,
-    /// Lowercase hex.
-    pub sha256: String,
-    pub size: u64,
+    /// Lowercase hex, with `size`; both `None` when the manifest cannot know them (a
+    /// publisher whose checksums could not be read when the manifest was written): the
+    /// first pull records what it fetched, and the file is checked against that record
+    /// from then on.
+    pub sha256: Option<String>,
+    pub size: Option<u64>,
     pub role: FileRole,
 }
 
@@ -180,8 +187,9 @@ impl Manifest {
             .collect()
     }
 
+    /// Bytes of the files whose size the manifest knows.
     pub fn total_size(&self) -> u64 {
-        self.files.iter().map(|file| file.size).sum()
+        self.files.iter().filter_map(|file| file.size).sum()
     }
 }
 
@@ -293,8 +301,8 @@ struct RawManifest {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     name: String,
-    sha256: String,
-    size: u64,
+    sha256: Option<String>,
+    size: Option<u64>,
     role: FileRole,
 }
 
@@ -382,10 +390,17 @@ fn validate_files(raw_files: Vec<RawFile>) -> Result<Vec<ManifestFile>, String> 
         if !seen.insert(raw.name.clone()) {
             return Err(format!("file {} is listed twice", raw.name));
         }
-        let sha256 = raw.sha256.to_ascii_lowercase();
-        if sha256.len() != 64 || !sha256.bytes().all(|byte| byte.is_ascii_hexdigit()) {
-            return Err(format!("file {}: sha256 must be 64 hex digits", raw.name));
-        }
+        let sha256 = match (raw.sha256, raw.size) {
+            (Some(sha256), Some(_)) => {
+                let sha256 = sha256.to_ascii_lowercase();
+                if sha256.len() != 64 || !sha256.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                    return Err(format!("file {}: sha256 must be 64 hex digits", raw.name));
+                }
+                Some(sha256)
+            }
+            (None, None) => None,
+            _ => return Err(format!("file {}: give both sha256 and size, or neither (pinned on first pull)", raw.name)),
+        };
         files.push(ManifestFile { name: raw.name, sha256, size: raw.size, role: raw.role });
     }
     for role in [FileRole::Weights, FileRole::Tokenizer, FileRole::Config] {

@@ -1,6 +1,8 @@
 //! Writing a cache file so that it never exists under its final name unless complete and
 //! verified: bytes go to `NAME.part`, are hashed as they are written, and the file is
-//! fsync'd and renamed only when size and sha256 match the manifest.
+//! fsync'd and renamed only when size and sha256 match the manifest. A file the manifest
+//! gives no checksum for is pinned instead: its sha256 and size are recorded beside it
+//! (`NAME.sha256`), and later checks use that record.
 
 use std::fmt::Write as _;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -63,27 +65,36 @@ impl StagedFile {
             self.written += count as u64;
             // More bytes than the manifest promises can never verify; stop before they fill
             // the disk.
-            if self.written > self.file.size {
+            if self.file.size.is_some_and(|size| self.written > size) {
                 return Err(self.size_mismatch());
             }
-            progress(PullEvent::Progress { file: self.file.name.clone(), done: self.written, total: Some(self.file.size) });
+            progress(PullEvent::Progress { file: self.file.name.clone(), done: self.written, total: self.file.size });
         }
     }
 
     /// Checks size and checksum, then fsyncs and moves the file to its final name.
     /// On error the `.part` file is removed (by `Drop`).
     pub(crate) fn commit(mut self) -> Result<(), ProvisionError> {
-        if self.written != self.file.size {
+        if self.file.size.is_some_and(|size| self.written != size) {
             return Err(self.size_mismatch());
         }
         let actual = hex(&std::mem::take(&mut self.hasher).finalize());
-        if actual != self.file.sha256 {
+        if let Some(expected) = self.file.sha256.as_ref().filter(|expected| **expected != actual) {
             return Err(ProvisionError::ChecksumMismatch {
                 model: self.model.clone(),
                 file: self.file.name.clone(),
-                expected: self.file.sha256.clone(),
+                expected: expected.clone(),
                 actual,
             });
+        }
+        if self.file.sha256.is_none() {
+            // The record goes first: a file under its final name always has one.
+            let record = pin_path(&self.final_path);
+            fs::write(&record, format!("{actual} {}\n", self.written)).map_err(|error| ProvisionError::Io {
+                action: "write",
+                path: record.clone(),
+                error,
+            })?;
         }
         self.output.sync_all().map_err(|error| ProvisionError::Io { action: "sync", path: self.part_path.clone(), error })?;
         fs::rename(&self.part_path, &self.final_path).map_err(|error| ProvisionError::Io {
@@ -105,7 +116,7 @@ impl StagedFile {
         ProvisionError::SizeMismatch {
             model: self.model.clone(),
             file: self.file.name.clone(),
-            expected: self.file.size,
+            expected: self.file.size.unwrap_or_default(),
             actual: self.written,
         }
     }
@@ -157,4 +168,22 @@ pub(crate) fn create_dir_all(path: &Path) -> Result<(), ProvisionError> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o755);
     builder.create(path).map_err(|error| ProvisionError::Io { action: "create directory", path: path.to_owned(), error })
+}
+
+/// Where the first pull of an unpinned file records its checksum.
+pub(crate) fn pin_path(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".sha256");
+    file.with_file_name(name)
+}
+
+/// The checksum and size that `file` must have: the manifest's, else the record of the
+/// first pull; `None` when neither exists.
+pub(crate) fn expected_pin(file: &ManifestFile, path: &Path) -> Option<(String, u64)> {
+    if let (Some(sha256), Some(size)) = (&file.sha256, file.size) {
+        return Some((sha256.clone(), size));
+    }
+    let text = fs::read_to_string(pin_path(path)).ok()?;
+    let (sha256, size) = text.trim().split_once(' ')?;
+    Some((sha256.to_owned(), size.parse().ok()?))
 }

@@ -214,7 +214,7 @@ fn files_below(dir: &Path) -> Vec<String> {
 fn builtin_catalog_parses() {
     let catalog = Catalog::builtin().unwrap();
     let names: Vec<&str> = catalog.iter().map(|manifest| manifest.name.as_str()).collect();
-    assert_eq!(names, ["all-minilm-l6-v2", "gemma-3-270m", "smollm2-135m-instruct"]);
+    assert_eq!(names, ["all-minilm-l6-v2", "gemma-3-270m", "smollm2-135m-instruct", "smolvlm-256m-instruct"]);
 
     let chat = catalog.get(DEFAULT_CHAT_MODEL).unwrap();
     assert_eq!(chat.kind, ModelKind::Chat);
@@ -235,6 +235,10 @@ fn builtin_catalog_parses() {
     assert_eq!(pip.requirements.len(), 4);
     assert_eq!(pip.entries["gemma-3-270m-q4_k_m.gguf"].len(), 4);
     assert_eq!(gemma.total_size(), 253_113_024);
+
+    let vision = catalog.get("smolvlm-256m-instruct").unwrap();
+    assert_eq!((vision.kind, vision.hub_repos()), (ModelKind::Vision, vec!["HuggingFaceTB/SmolVLM-256M-Instruct".to_string()]));
+    assert!(vision.files.iter().all(|file| file.sha256.is_none()), "pinned by the first pull");
 
     assert!(catalog.require("nope").unwrap_err().to_string().contains("smollm2-135m-instruct"));
 }
@@ -849,4 +853,42 @@ fn real_default_models_pull() {
         cache.verify(manifest, &mut |_| {}).unwrap();
         println!("{name}: verified in {:.2?}", verify_started.elapsed());
     }
+}
+
+#[test]
+fn a_file_without_a_published_checksum_is_pinned_by_its_first_pull() {
+    let hub = serve(good_repo);
+    let root = tempfile::tempdir().unwrap();
+    let cache = ModelCache::with_options(root.path().to_owned(), options(&hub.endpoint));
+    // The tokenizer's checksum is unknown to the manifest.
+    let toml = manifest_toml(&hub_source("org/good")).replace(
+        &format!("sha256 = \"{}\"\nsize = {}\nrole = \"tokenizer\"", sha256_hex(TOKENIZER), TOKENIZER.len()),
+        "role = \"tokenizer\"",
+    );
+    let manifest = Manifest::from_toml(&toml, ManifestOrigin::File("tiny.toml".into())).unwrap();
+    assert_eq!(manifest.files[1].sha256, None);
+    assert!(!cache.status(&manifest).present);
+
+    let files = pull(&cache, &manifest).0.unwrap();
+    let tokenizer = files.tokenizer.unwrap();
+    let record = fs::read_to_string(files.dir.join("sub/tokenizer.json.sha256")).unwrap();
+    assert_eq!(record, format!("{} {}\n", sha256_hex(TOKENIZER), TOKENIZER.len()));
+    let status = cache.status(&manifest);
+    assert!(status.present);
+    assert_eq!(status.expected_bytes, (WEIGHTS.len() + TOKENIZER.len()) as u64);
+    cache.verify(&manifest, &mut |_| {}).unwrap();
+
+    // From then on the file is held to what was fetched.
+    fs::write(&tokenizer, br#"{"model": "changed"}"#).unwrap();
+    let message = cache.verify(&manifest, &mut |_| {}).unwrap_err().to_string();
+    assert!(message.starts_with("model tiny: sub/tokenizer.json has sha256"), "{message}");
+    fs::remove_file(files.dir.join("sub/tokenizer.json.sha256")).unwrap();
+    assert!(!cache.status(&manifest).present, "without its record the file is fetched again");
+    assert!(matches!(cache.verify(&manifest, &mut |_| {}), Err(ProvisionError::MissingFile { .. })));
+
+    // Half a pin is a mistake in the manifest.
+    let half = manifest_toml(&hub_source("org/good"))
+        .replace(&format!("size = {}\nrole = \"tokenizer\"", TOKENIZER.len()), "role = \"tokenizer\"");
+    let error = Manifest::from_toml(&half, ManifestOrigin::File("tiny.toml".into())).unwrap_err().to_string();
+    assert!(error.contains("give both sha256 and size, or neither"), "{error}");
 }
