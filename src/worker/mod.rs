@@ -7,6 +7,8 @@
 //! Model work is blocking (candle), so the worker runs on its own OS thread and the async
 //! front ends never wait on it: they await their reply channel.
 
+pub mod protocol;
+
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +78,7 @@ fn default_true() -> bool {
 }
 
 /// What the worker reports back. Every request ends with `Done` (after an `Error` too).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// A piece of a streaming answer.
@@ -122,21 +124,21 @@ pub enum Event {
     Done,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hit {
     pub score: f64,
     pub memory: MemoryRecord,
 }
 
 /// An adapter bound to a memory operation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Binding {
     pub operation: String,
     pub adapter: String,
     pub scale: f32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub model: String,
     pub memories: usize,
@@ -144,7 +146,7 @@ pub struct Status {
 }
 
 /// A memory change, as broadcast to every subscriber.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryNotice {
     pub changes: Vec<AppliedChange>,
     pub memories: usize,
@@ -171,10 +173,12 @@ pub struct Submission {
     pub cancel: CancelToken,
 }
 
-struct Job {
-    request: Request,
-    reply: mpsc::UnboundedSender<Event>,
-    cancel: CancelToken,
+/// A request on its way to whoever serves it: the worker thread, or the daemon a
+/// [`WorkerHandle::remote`] handle forwards to.
+pub(crate) struct Job {
+    pub(crate) request: Request,
+    pub(crate) reply: mpsc::UnboundedSender<Event>,
+    pub(crate) cancel: CancelToken,
 }
 
 /// The front ends' side of the worker. Cloning it gives another front end.
@@ -187,8 +191,13 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Queues `request`; its events arrive on the returned receiver.
     pub fn submit(&self, request: Request) -> Submission {
+        self.submit_with(request, CancelToken::default())
+    }
+
+    /// [`WorkerHandle::submit`] with a token made beforehand (the daemon makes one when a
+    /// request line arrives, so that it can be cancelled while it waits its turn).
+    pub fn submit_with(&self, request: Request, cancel: CancelToken) -> Submission {
         let (reply, events) = mpsc::unbounded_channel();
-        let cancel = CancelToken::default();
         let job = Job { request, reply, cancel: cancel.clone() };
         if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
             let _ = job.reply.send(Event::Error { message: "the worker has stopped".into() });
@@ -200,6 +209,14 @@ impl WorkerHandle {
     /// Memory changes made by any request, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<MemoryNotice> {
         self.notices.subscribe()
+    }
+
+    /// A handle whose requests are served by someone else than a local worker thread (the
+    /// daemon client): it receives the jobs, and announces memory changes on the sender.
+    pub(crate) fn remote() -> (WorkerHandle, mpsc::UnboundedReceiver<Job>, broadcast::Sender<MemoryNotice>) {
+        let (jobs, queue) = mpsc::unbounded_channel::<Job>();
+        let (notices, _) = broadcast::channel(256);
+        (WorkerHandle { jobs, notices: notices.clone() }, queue, notices)
     }
 }
 
