@@ -1,5 +1,5 @@
 //! `memlora batch`: JSON Lines in on stdin, JSON Lines out on stdout, one request per
-//! line, served by the same worker as the app. Requests run in order; each gets one
+//! line, served by the same worker as the app (the daemon's, when one runs). Requests run in order; each gets one
 //! response line carrying its `id` (with `"stream": true`, token lines come first). A
 //! malformed line gets an error line with its line number and the next line is read.
 //! The exit status is non-zero when any request failed. Nothing here writes terminal
@@ -23,9 +23,19 @@ pub struct BatchArgs {
 }
 
 pub fn run(env: &Env, args: BatchArgs) -> anyhow::Result<bool> {
-    let model = args.model.unwrap_or_else(|| env.config.model.clone());
-    let assistant = env.open_assistant(&model, &[], env.sampling())?;
-    let (handle, thread) = worker::spawn(assistant, model);
+    let (handle, thread) = match env.daemon()? {
+        Some(daemon) => {
+            if let Some(model) = args.model {
+                anyhow::bail!("--model {model}: the {} serves its own model (`memlora status`); stop it first (`memlora serve --stop`)", daemon.label());
+            }
+            (daemon.handle, daemon.thread)
+        }
+        None => {
+            let model = args.model.unwrap_or_else(|| env.config.model.clone());
+            let assistant = env.open_assistant(&model, &[], env.sampling())?;
+            worker::spawn(assistant, model)
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let all_ok = runtime.block_on(serve_stdin(&handle))?;
     drop(handle);

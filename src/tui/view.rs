@@ -492,6 +492,12 @@ fn draw_status(frame: &mut Frame, area: Rect, state: &AppState) {
     let mut left = vec![
         Span::styled(format!(" {}", state.settings.model), Style::new().add_modifier(Modifier::BOLD)),
         sep(),
+    ];
+    if let Some(daemon) = &state.settings.daemon {
+        left.push(Span::styled(daemon.clone(), Style::new().fg(Color::Cyan)));
+        left.push(sep());
+    }
+    left.extend([
         Span::raw(format!("adapter: {}", state.active_adapter())),
         sep(),
         Span::raw(match state.tokens_per_second {
@@ -500,7 +506,7 @@ fn draw_status(frame: &mut Frame, area: Rect, state: &AppState) {
         }),
         sep(),
         Span::raw(format!("{} memories", state.memory_count())),
-    ];
+    ]);
     for pending in &state.pending {
         if let super::state::Job::Ingest { .. } = pending.job {
             left.push(sep());
