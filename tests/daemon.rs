@@ -270,6 +270,11 @@ fn garbage_and_oversized_lines_end_only_that_client() {
     assert!(error["error"].as_str().unwrap().contains("line 1"), "{error}");
     assert_eq!(garbage.line(), None, "disconnected after the error");
 
+    let mut binary = Client::connect(d);
+    binary.send_raw(b"\xff\xfe{}\n");
+    assert!(binary.line().unwrap()["error"].as_str().unwrap().contains("not UTF-8"));
+    assert_eq!(binary.line(), None);
+
     let mut huge = Client::connect(d);
     let line = vec![b'x'; (1 << 20) + 10];
     // The daemon may hang up before reading everything.

@@ -135,17 +135,8 @@ pub fn run(env: &Env, command: MemoryCommand) -> anyhow::Result<()> {
             }
         }
         MemoryCommand::List { filter, json } => {
-            let memories = store.list(&filter.filter());
-            if json {
-                let records: Vec<_> = memories.iter().map(record).collect();
-                println!("{}", serde_json::to_string(&records)?);
-            } else if memories.is_empty() {
-                println!("no memories yet");
-            } else {
-                for memory in &memories {
-                    writeln!(stdout, "{}", line(memory))?;
-                }
-            }
+            let records: Vec<_> = store.list(&filter.filter()).iter().map(record).collect();
+            print_list(&records, json)?;
         }
         MemoryCommand::Search { query, top_k, filter, json } => {
             let hits = assistant::search(&store, &embedder, &query.join(" "), top_k, filter.filter())?;
@@ -293,15 +284,7 @@ fn run_on_daemon(daemon: &Daemon, command: MemoryCommand) -> anyhow::Result<()> 
             }
             // Oldest first, as the store lists them.
             records.sort_by_key(|r| r.id);
-            if json {
-                println!("{}", serde_json::to_string(&records)?);
-            } else if records.is_empty() {
-                println!("no memories yet");
-            } else {
-                for record in &records {
-                    println!("{}", record_line(record));
-                }
-            }
+            print_list(&records, json)?;
         }
         MemoryCommand::Search { query, top_k, filter, json } => {
             no_filter(&filter)?;
@@ -348,6 +331,21 @@ fn run_on_daemon(daemon: &Daemon, command: MemoryCommand) -> anyhow::Result<()> 
                 "this command reads the memory store, which the {} holds: stop it first (`memlora serve --stop`), or use `memlora memory list` / `search`",
                 daemon.label()
             );
+        }
+    }
+    Ok(())
+}
+
+/// `memory list`: the records as one JSON array, or a line each.
+fn print_list(records: &[MemoryRecord], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(records)?);
+    } else if records.is_empty() {
+        println!("no memories yet");
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        for record in records {
+            writeln!(stdout, "{}", record_line(record))?;
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! The worker: one thread that owns the [`Assistant`] (the models and the memory store)
-//! and serves requests from every front end — the terminal app, batch mode, and later the
-//! daemon's clients. A request carries its own reply channel, on which the worker sends
+//! and serves requests from every front end — the terminal app, batch mode, the commands
+//! and the daemon's clients. A request carries its own reply channel, on which the worker sends
 //! the request's events in order, ending with [`Event::Done`]; changes to memory are also
 //! broadcast to every subscriber, so that any memories pane stays current.
 //!
