@@ -8,7 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
@@ -24,11 +24,17 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon with a tiny model answering up to `max_tokens` tokens.
     fn start(dir: &Path, max_tokens: usize) -> Daemon {
         let model = tiny_model(dir);
-        let child = memlora_command(dir)
-            .args(["serve", "--model", model.to_str().unwrap()])
-            .env("MEMLORA_GENERATION__MAX_TOKENS", max_tokens.to_string())
+        let mut command = memlora_command(dir);
+        command.args(["serve", "--model", model.to_str().unwrap()]).env("MEMLORA_GENERATION__MAX_TOKENS", max_tokens.to_string());
+        Daemon::spawn(dir, command)
+    }
+
+    /// Starts `command` (a `serve`) and waits until it answers.
+    fn spawn(dir: &Path, mut command: Command) -> Daemon {
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -361,4 +367,40 @@ fn a_client_that_stops_reading_is_dropped() {
     let mut other = Client::connect(d);
     other.send(json!({"id": "1", "type": "status"}));
     assert_eq!(other.response("1")["ok"], true);
+}
+
+/// The real default models through the daemon: a memory one client made is what `ask`,
+/// answered by the daemon's warm model, recalls.
+#[test]
+fn the_real_model_answers_through_the_daemon_from_another_clients_memory() {
+    let Some(models) = common::real_models() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let real = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_memlora"));
+        command
+            .arg("--data-dir")
+            .arg(d)
+            .arg("--models-dir")
+            .arg(&models)
+            .args(args)
+            .env_remove("MEMLORA_DATA_DIR")
+            .env_remove("MEMLORA_MODELS_DIR")
+            .env_remove("MEMLORA_NO_DAEMON")
+            .env("HF_HUB_OFFLINE", "1");
+        command
+    };
+    let daemon = Daemon::spawn(d, real(&["serve"]));
+    let mut client = Client::connect(d);
+    client.send(json!({"id": "told", "type": "remember", "text": "My sister Alice lives in Lisbon and works as a nurse."}));
+    assert_eq!(client.response("told")["ok"], true);
+
+    let out = real(&["ask", "--json", "--no-remember", "Where does my sister Alice live?"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let asked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(asked["daemon"]["pid"], daemon.pid());
+    assert!(asked["text"].as_str().unwrap().contains("Lisbon"), "the answer ignores the memory: {asked}");
+    assert!(asked["time_to_first_token_seconds"].as_f64().unwrap() > 0.0);
+    drop(client);
+    daemon.stop();
 }
