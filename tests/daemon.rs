@@ -229,6 +229,14 @@ fn two_clients_share_memories_and_each_sees_the_others_changes() {
     assert_eq!(lines[0]["memories"].as_array().map(Vec::len), Some(2), "batch mode through the daemon");
     assert_eq!(lines[1]["ok"], false, "a malformed line is answered by batch mode itself");
 
+    // An ingest through the daemon; its changes reach the other clients.
+    let transcript = d.join("talk.txt");
+    std::fs::write(&transcript, "# 8 May 2023\nMaya: the cat sat on the mat\nSam: a kitten\n").unwrap();
+    let out = memlora_command(d).args(["ingest", "--json", transcript.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let last: Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().last().unwrap()).unwrap();
+    assert_eq!(last["summary"]["turns"], 2, "{last}");
+
     drop((a, b));
     daemon.stop();
     assert_store_verifies(d);
