@@ -5,6 +5,7 @@
 pub mod adapters;
 pub mod assistant;
 pub mod config;
+pub mod daemon;
 pub mod distill;
 pub mod engine;
 pub mod eval;

@@ -18,6 +18,9 @@ struct Args {
     /// Model cache, shared by all profiles.
     #[arg(long, global = true, env = "MEMLORA_MODELS_DIR", value_name = "DIR")]
     models_dir: Option<PathBuf>,
+    /// Run standalone even when a daemon (`memlora serve`) serves the data dir.
+    #[arg(long, global = true, env = "MEMLORA_NO_DAEMON")]
+    no_daemon: bool,
     /// Without a command: the interactive app.
     #[command(subcommand)]
     command: Option<Command>,
@@ -49,6 +52,14 @@ enum Command {
     /// Fetch, list and verify models.
     #[command(subcommand)]
     Models(cli::models::ModelsCommand),
+    /// Keep the models warm and serve the app, batch mode and the commands of every
+    /// session (SSH included) on a Unix socket in the data dir.
+    Serve(cli::serve::ServeArgs),
+    /// Whether a daemon serves the data dir, and what it holds.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,7 +77,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let env = cli::Env::new(args.data_dir, args.models_dir)?;
+    let mut env = cli::Env::new(args.data_dir, args.models_dir)?;
+    env.no_daemon = args.no_daemon;
     match args.command {
         Some(Command::Adapters(c)) => cli::adapters::run(&env, c)?,
         Some(Command::Ask(a)) => cli::ask::run(&env, a)?,
@@ -78,6 +90,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Command::Ingest(a)) => cli::ingest::run(&env, a)?,
         Some(Command::Memory(c)) => cli::memory::run(&env, c)?,
         Some(Command::Models(c)) => cli::models::run(&env, c)?,
+        Some(Command::Serve(a)) => cli::serve::run(&env, a)?,
+        Some(Command::Status { json }) => cli::serve::status(&env, json)?,
         None => return cli::app::run(&env),
     }
     Ok(ExitCode::SUCCESS)

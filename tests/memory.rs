@@ -5,12 +5,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use memlora::memory::{MemoryFilter, MemoryStore, SearchQuery, INDEX_DIR, MEMORY_DIR};
-use memlora::models::{Catalog, ModelCache};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -18,22 +17,6 @@ use serde_json::Value;
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo-conversation.json");
 /// all-MiniLM-L6-v2.
 const DIMENSION: usize = 384;
-
-/// The model cache holding both real models, or `None` (the test skips) when they are
-/// absent and not required.
-fn real_models() -> Option<PathBuf> {
-    let dir = common::real_models_dir()?;
-    let catalog = Catalog::builtin().expect("builtin manifests parse");
-    let cache = ModelCache::new(dir.clone());
-    let present =
-        ["smollm2-135m-instruct", "all-minilm-l6-v2"].iter().all(|name| catalog.get(name).and_then(|m| cache.resolve(m)).is_some());
-    if !present {
-        assert!(!common::require_real_models(), "the real models are required but not in {}; run scripts/test", dir.display());
-        eprintln!("skipping: the real models are not in {}", dir.display());
-        return None;
-    }
-    Some(dir)
-}
 
 fn memlora_command(data_dir: &Path, models: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_memlora"));
@@ -61,7 +44,7 @@ fn texts(values: &Value) -> Vec<String> {
 
 #[test]
 fn ask_remembers_what_the_user_says_and_answers_from_it_later() {
-    let Some(models) = real_models() else { return };
+    let Some(models) = common::real_models() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let told = run_json(d, &models, &["ask", "--json", "My sister Alice lives in Lisbon and works as a nurse."]);
@@ -81,7 +64,7 @@ fn ask_remembers_what_the_user_says_and_answers_from_it_later() {
 
 #[test]
 fn ingest_feeds_a_conversation_session_by_session_with_its_dates() {
-    let Some(models) = real_models() else { return };
+    let Some(models) = common::real_models() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let out = memlora_command(d, &models, &["ingest", DEMO, "--sessions", "1-2", "--json"]).output().unwrap();
@@ -139,7 +122,7 @@ fn ingest_until_killed(data_dir: &Path, models: &Path, exchanges: usize, delay: 
 
 #[test]
 fn ingest_killed_at_random_points_keeps_every_acknowledged_change() {
-    let Some(models) = real_models() else { return };
+    let Some(models) = common::real_models() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut rng = StdRng::seed_from_u64(0x5eed);

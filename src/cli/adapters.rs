@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use memlora::adapters::merge::{self, MergeMethod};
 use memlora::adapters::{AdapterRegistry, Admission, InstalledAdapter, LoraAdapter, MergeOutcome, MergeProgress, MergeSpec, MergeStage};
+use memlora::daemon;
 use serde_json::json;
 
 use super::Env;
@@ -106,6 +107,21 @@ pub enum Method {
 }
 
 pub fn run(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
+    use AdaptersCommand::*;
+    let changes_adapters = matches!(command, Import { .. } | Remove { .. } | Bind { .. } | Unbind { .. } | Merge { .. } | Train(_));
+    run_command(env, command)?;
+    // The adapter files are the registry's, not the daemon's: they change here, and the
+    // daemon loads them when it starts.
+    if let Some(info) = daemon::running(&env.paths.data_dir).filter(|_| changes_adapters) {
+        let pid = info.pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default();
+        eprintln!(
+            "memlora: the daemon{pid} uses the adapters it started with; `memlora serve --stop` and `memlora serve` to use this change"
+        );
+    }
+    Ok(())
+}
+
+fn run_command(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
     let registry = AdapterRegistry::open(&env.paths.data_dir)?;
     match command {
         AdaptersCommand::Train(args) => return super::train::train(env, *args),

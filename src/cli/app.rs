@@ -1,4 +1,5 @@
-//! `memlora` with no command: the interactive app on the worker.
+//! `memlora` with no command: the interactive app on the worker, or on the daemon's
+//! when one serves the data dir.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -19,11 +20,15 @@ pub fn run(env: &Env) -> anyhow::Result<ExitCode> {
         );
     }
     let model = env.config.model.clone();
-    // Missing models are pulled here, with their progress on the terminal; loading them
-    // happens inside the app.
-    env.resolve_model(&model)?;
-    env.resolve_model(&env.config.embedder)?;
+    let mut daemon = env.daemon()?;
+    if daemon.is_none() {
+        // Missing models are pulled here, with their progress on the terminal; loading
+        // them happens inside the app.
+        env.resolve_model(&model)?;
+        env.resolve_model(&env.config.embedder)?;
+    }
     let options = tui::Options {
+        daemon: daemon.as_ref().map(|d| d.label()),
         model: model.clone(),
         embedder: env.config.embedder.clone(),
         keymap,
@@ -34,6 +39,10 @@ pub fn run(env: &Env) -> anyhow::Result<ExitCode> {
     };
     let mut worker_thread = None;
     let outcome = tui::run(options, || {
+        if let Some(daemon) = daemon.take() {
+            worker_thread = Some(daemon.thread);
+            return Ok(daemon.handle);
+        }
         let assistant = env.open_assistant(&model, &[], env.sampling())?;
         let (handle, thread) = worker::spawn(assistant, model.clone(), env.adapter_storage()?);
         worker_thread = Some(thread);
@@ -41,7 +50,8 @@ pub fn run(env: &Env) -> anyhow::Result<ExitCode> {
     })?;
     match outcome {
         Outcome::Quit => {
-            // The handle is gone: the worker finishes what it is doing and stops.
+            // The handle is gone: the worker (or the connection to the daemon) finishes
+            // what it is doing and stops.
             if let Some(thread) = worker_thread {
                 let _ = thread.join();
             }

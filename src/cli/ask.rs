@@ -3,13 +3,17 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::time::Instant;
+
+use anyhow::Context;
+use memlora::worker::{Event, Request};
 
 use memlora::memory::pipeline::TurnReport;
 use memlora::memory::OpKind;
 use memlora::vision::VisionMode;
 use serde_json::json;
 
-use super::Env;
+use super::{Daemon, Env};
 
 #[derive(clap::Args)]
 pub struct AskArgs {
@@ -55,6 +59,9 @@ pub struct AskArgs {
 }
 
 pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
+    if let Some(daemon) = env.daemon()? {
+        return ask_daemon(daemon, &args);
+    }
     let model_name = args.model.clone().unwrap_or_else(|| env.config.model.clone());
     let mut sampling = env.sampling();
     sampling.max_tokens = args.max_tokens.unwrap_or(sampling.max_tokens);
@@ -113,6 +120,78 @@ pub fn run(env: &Env, args: AskArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The question answered by the daemon's warm model. Settings that would need another
+/// model or other sampling are refused: the daemon serves everyone with the same ones.
+fn ask_daemon(daemon: Daemon, args: &AskArgs) -> anyhow::Result<()> {
+    let own_settings = [
+        ("--model", args.model.is_some()),
+        ("--max-tokens", args.max_tokens.is_some()),
+        ("--temperature", args.temperature.is_some()),
+        ("--top-p", args.top_p.is_some()),
+        ("--seed", args.seed.is_some()),
+        ("--repeat-penalty", args.repeat_penalty.is_some()),
+        ("--system", args.system.is_some()),
+        ("--adapter", !args.adapters.is_empty()),
+        ("--vision", args.vision.is_some()),
+    ];
+    if let Some((flag, _)) = own_settings.iter().find(|(_, given)| *given) {
+        anyhow::bail!(
+            "{flag}: the {} answers with its own settings; use it without {flag}, or stop it (`memlora serve --stop`)",
+            daemon.label()
+        );
+    }
+    let started = Instant::now();
+    let mut first_token = None;
+    let stdout = std::io::stdout();
+    // The daemon reads the image itself: give it a path that does not depend on our
+    // working directory.
+    let image = args.image.as_deref().map(std::path::absolute).transpose().context("--image")?;
+    let request = Request::Ask { text: args.prompt.join(" "), remember: !args.no_remember, image };
+    let events = daemon.request(request, &mut |piece| {
+        first_token.get_or_insert_with(|| started.elapsed().as_secs_f64());
+        if args.json {
+            return true;
+        }
+        let mut out = stdout.lock();
+        // A closed stdout (`| head`) ends the answer early rather than failing.
+        out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
+    })?;
+    let mut answer = None;
+    let mut remembered = None;
+    let mut looked_at = None;
+    for event in events {
+        match event {
+            Event::Answer { text, memories_used, completion_tokens, tokens_per_second, image, vision, .. } => {
+                looked_at = image.map(|path| json!({"path": path, "mode": vision}));
+                answer = Some((text, memories_used, completion_tokens, tokens_per_second))
+            }
+            Event::Remembered { report } => remembered = Some(report),
+            _ => {}
+        }
+    }
+    let (text, memories_used, completion_tokens, tokens_per_second) = answer.context("the daemon sent no answer")?;
+    if args.json {
+        let report = json!({
+            "daemon": {"pid": daemon.info.pid, "socket": daemon.info.socket},
+            "text": text,
+            "memories_used": memories_used,
+            "remembered": remembered,
+            "looked_at": looked_at,
+            "completion_tokens": completion_tokens,
+            "time_to_first_token_seconds": first_token,
+            "decode_tokens_per_second": tokens_per_second,
+        });
+        println!("{report}");
+    } else {
+        println!();
+        if let Some(summary) = remembered.as_ref().and_then(summarise) {
+            eprintln!("memlora: {summary}");
+        }
+    }
+    daemon.finish();
     Ok(())
 }
 

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use memlora::assistant;
+use memlora::memory::pipeline::AppliedChange;
 use memlora::memory::transfer::{self, MemoryRecord};
 use memlora::memory::{Change, HistoryEntry, Memory, MemoryFilter, MemoryId, MemoryOp};
 use memlora::transcript::{format_date, parse_date_time};
+use memlora::worker::{Event, Request};
 use serde_json::json;
 
-use super::Env;
+use super::{Daemon, Env};
 
 #[derive(clap::Subcommand)]
 pub enum MemoryCommand {
@@ -116,6 +118,11 @@ pub enum ExportFormat {
 }
 
 pub fn run(env: &Env, command: MemoryCommand) -> anyhow::Result<()> {
+    if let Some(daemon) = env.daemon()? {
+        let result = run_on_daemon(&daemon, command);
+        daemon.finish();
+        return result;
+    }
     let (embedder, mut store) = env.open_memory()?;
     let mut stdout = std::io::stdout().lock();
     match command {
@@ -128,17 +135,8 @@ pub fn run(env: &Env, command: MemoryCommand) -> anyhow::Result<()> {
             }
         }
         MemoryCommand::List { filter, json } => {
-            let memories = store.list(&filter.filter());
-            if json {
-                let records: Vec<_> = memories.iter().map(record).collect();
-                println!("{}", serde_json::to_string(&records)?);
-            } else if memories.is_empty() {
-                println!("no memories yet");
-            } else {
-                for memory in &memories {
-                    writeln!(stdout, "{}", line(memory))?;
-                }
-            }
+            let records: Vec<_> = store.list(&filter.filter()).iter().map(record).collect();
+            print_list(&records, json)?;
         }
         MemoryCommand::Search { query, top_k, filter, json } => {
             let hits = assistant::search(&store, &embedder, &query.join(" "), top_k, filter.filter())?;
@@ -254,16 +252,120 @@ pub fn run(env: &Env, command: MemoryCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The commands the daemon's requests cover, answered by the daemon that holds the store.
+fn run_on_daemon(daemon: &Daemon, command: MemoryCommand) -> anyhow::Result<()> {
+    let request = |request: Request| daemon.request(request, &mut |_| true);
+    let no_filter = |filter: &FilterArgs| {
+        if filter.subject.is_some() || filter.from.is_some() || filter.until.is_some() {
+            anyhow::bail!("--subject, --from and --until are not available through the {} (`memlora serve --stop` first)", daemon.label());
+        }
+        Ok(())
+    };
+    let changes = |events: Vec<Event>| -> Vec<AppliedChange> {
+        events.into_iter().flat_map(|event| if let Event::Changed { changes } = event { changes } else { Vec::new() }).collect()
+    };
+    match command {
+        MemoryCommand::Add { text, subject, json } => {
+            let added = changes(request(Request::Remember { text: text.join(" "), subject })?);
+            let change = added.first().context("the daemon reported no new memory")?;
+            if json {
+                println!("{}", json!({"applied": {"seq": change.seq, "id": change.id}, "memory": {"id": change.id, "text": change.text}}));
+            } else {
+                println!("remembered #{}", change.id);
+            }
+        }
+        MemoryCommand::List { filter, json } => {
+            no_filter(&filter)?;
+            let mut records = Vec::new();
+            for event in request(Request::Memories)? {
+                if let Event::Memories { memories } = event {
+                    records = memories;
+                }
+            }
+            // Oldest first, as the store lists them.
+            records.sort_by_key(|r| r.id);
+            print_list(&records, json)?;
+        }
+        MemoryCommand::Search { query, top_k, filter, json } => {
+            no_filter(&filter)?;
+            let mut hits = Vec::new();
+            for event in request(Request::Search { query: query.join(" "), top_k: Some(top_k) })? {
+                if let Event::Hits { hits: found } = event {
+                    hits = found;
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string(&hits)?);
+            } else if hits.is_empty() {
+                println!("no memories match");
+            } else {
+                for hit in &hits {
+                    println!("{:.4}  {}", hit.score, record_line(&hit.memory));
+                }
+            }
+        }
+        MemoryCommand::Edit { id, text } => {
+            request(Request::Edit { memory_id: id, text: text.join(" ") })?;
+            println!("updated #{id}");
+        }
+        MemoryCommand::Forget { id } => {
+            request(Request::Forget { memory_id: id })?;
+            println!("forgot #{id} (`memlora memory undo` brings it back)");
+        }
+        MemoryCommand::Undo { json } => {
+            let undone = match request(Request::Undo) {
+                Ok(events) => changes(events),
+                Err(error) if error.to_string() == "nothing to undo" => Vec::new(),
+                Err(error) => return Err(error),
+            };
+            if json {
+                println!("{}", json!({"applied": undone}));
+            } else if undone.is_empty() {
+                println!("nothing to undo");
+            } else {
+                println!("undid {} change(s)", undone.len());
+            }
+        }
+        MemoryCommand::Show { .. } | MemoryCommand::History { .. } | MemoryCommand::Export { .. } | MemoryCommand::Import { .. } => {
+            anyhow::bail!(
+                "this command reads the memory store, which the {} holds: stop it first (`memlora serve --stop`), or use `memlora memory list` / `search`",
+                daemon.label()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `memory list`: the records as one JSON array, or a line each.
+fn print_list(records: &[MemoryRecord], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(records)?);
+    } else if records.is_empty() {
+        println!("no memories yet");
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        for record in records {
+            writeln!(stdout, "{}", record_line(record))?;
+        }
+    }
+    Ok(())
+}
+
 /// A memory as JSON output shows it: everything but the embedding.
 fn record(memory: &Memory) -> MemoryRecord {
     MemoryRecord::from(memory)
 }
 
 fn line(memory: &Memory) -> String {
-    let when = memory.event_time.clone().unwrap_or_else(|| format_date(memory.created));
+    record_line(&record(memory))
+}
+
+fn record_line(memory: &MemoryRecord) -> String {
+    let when = memory.event_time.clone().unwrap_or_else(|| format_date(memory.created.unwrap_or_default()));
+    let id = memory.id.map(|id| id.to_string()).unwrap_or_default();
     match &memory.subject {
-        Some(subject) => format!("#{:<5} {when:<17} {subject}: {}", memory.id, memory.text),
-        None => format!("#{:<5} {when:<17} {}", memory.id, memory.text),
+        Some(subject) => format!("#{id:<5} {when:<17} {subject}: {}", memory.text),
+        None => format!("#{id:<5} {when:<17} {}", memory.text),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod eval_vqa;
 pub mod ingest;
 pub mod memory;
 pub mod models;
+pub mod serve;
 pub mod train;
 
 use std::path::{Path, PathBuf};
@@ -21,12 +22,14 @@ use anyhow::Context;
 use memlora::adapters::{AdapterRegistry, Budget, LoraAdapter};
 use memlora::assistant::{Assistant, OperationAdapters};
 use memlora::config::{Config, Paths};
+use memlora::daemon::{self, DaemonInfo};
 use memlora::engine::{ChatModel, Embedder, LoadOptions, SamplingParams, WeightFormat};
 use memlora::memory::pipeline::{MemoryPipeline, Operation, PipelineSettings};
 use memlora::memory::prompts::Prompts;
 use memlora::memory::MemoryStore;
 use memlora::models::{Catalog, Manifest, ModelCache, ModelFiles};
 use memlora::vision::{Vision, VisionMode, VisionSettings};
+use memlora::worker::{Event, Request, WorkerHandle};
 
 /// What every command starts from.
 pub struct Env {
@@ -34,6 +37,8 @@ pub struct Env {
     pub config: Config,
     pub catalog: Catalog,
     pub cache: ModelCache,
+    /// `--no-daemon`: run standalone even when a daemon serves the data dir.
+    pub no_daemon: bool,
     _log_guard: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
@@ -52,7 +57,7 @@ impl Env {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         let catalog = Catalog::load(Some(&paths.data_dir.join("models")))?;
         let cache = ModelCache::new(paths.models_dir.clone());
-        Ok(Self { paths, config, catalog, cache, _log_guard: log_guard })
+        Ok(Self { paths, config, catalog, cache, no_daemon: false, _log_guard: log_guard })
     }
 
     /// A model named in the catalog (pulled first when missing) or a path to
@@ -112,6 +117,16 @@ impl Env {
     pub fn load_embedder(&self) -> anyhow::Result<Embedder> {
         let resolved = self.resolve_model(&self.config.embedder)?;
         Embedder::load(&resolved.weights).with_context(|| format!("cannot load the embedder '{}'", self.config.embedder))
+    }
+
+    /// A connection to the daemon serving the data dir, if one runs (and `--no-daemon`
+    /// was not given).
+    pub fn daemon(&self) -> anyhow::Result<Option<Daemon>> {
+        if self.no_daemon {
+            return Ok(None);
+        }
+        let info = daemon::locate(&self.paths.data_dir);
+        Ok(daemon::connect(&info.socket)?.map(|(handle, thread)| Daemon { handle, thread, info }))
     }
 
     /// The embedder and the memory store of the data dir (locked for this process).
@@ -318,6 +333,53 @@ impl LocomoData {
         let conversations = memlora::transcript::load_locomo(&self.data)?;
         let wanted = (!self.conversations.is_empty()).then_some(self.conversations.as_slice());
         Ok(memlora::transcript::select(conversations, wanted, &self.data)?)
+    }
+}
+
+/// A front end's connection to the daemon: a worker handle served by it.
+pub struct Daemon {
+    pub handle: WorkerHandle,
+    pub thread: std::thread::JoinHandle<()>,
+    pub info: DaemonInfo,
+}
+
+impl Daemon {
+    /// "daemon pid 123", for status lines.
+    pub fn label(&self) -> String {
+        match self.info.pid {
+            Some(pid) => format!("daemon pid {pid}"),
+            None => "daemon".into(),
+        }
+    }
+
+    /// Runs `request` and returns its events up to `Done`, handing tokens to `on_token`
+    /// (which stops the answer by returning false); an `Error` event is the error.
+    pub fn request(&self, request: Request, on_token: &mut dyn FnMut(&str) -> bool) -> anyhow::Result<Vec<Event>> {
+        let mut submission = self.handle.submit(request);
+        let mut events = Vec::new();
+        let mut error = None;
+        while let Some(event) = submission.events.blocking_recv() {
+            match event {
+                Event::Token { text } => {
+                    if !on_token(&text) {
+                        submission.cancel.cancel();
+                    }
+                }
+                Event::Error { message } => error = Some(message),
+                Event::Done => break,
+                other => events.push(other),
+            }
+        }
+        match error {
+            Some(message) => anyhow::bail!("{message}"),
+            None => Ok(events),
+        }
+    }
+
+    /// Closes the connection once its requests are answered.
+    pub fn finish(self) {
+        drop(self.handle);
+        let _ = self.thread.join();
     }
 }
 

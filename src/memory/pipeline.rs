@@ -145,7 +145,7 @@ impl Default for PipelineSettings {
 }
 
 /// One applied change, for reports and the UI.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppliedChange {
     pub seq: u64,
     pub id: MemoryId,
@@ -157,7 +157,7 @@ pub struct AppliedChange {
 }
 
 /// What remembering one exchange did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TurnReport {
     pub facts: Vec<String>,
     pub changes: Vec<AppliedChange>,
@@ -174,7 +174,7 @@ pub struct TurnReport {
 }
 
 /// A memory given to the generation operation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsedMemory {
     pub id: MemoryId,
     pub text: String,

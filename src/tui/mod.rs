@@ -59,6 +59,8 @@ pub struct Options {
     pub adapter_slots: usize,
     /// Where stray output to stderr goes while the app owns the screen.
     pub logs_dir: PathBuf,
+    /// "daemon pid N" when the app runs on a daemon's worker.
+    pub daemon: Option<String>,
 }
 
 /// How the app ended.
@@ -86,6 +88,7 @@ pub fn run(options: Options, start: impl FnOnce() -> anyhow::Result<WorkerHandle
         images: picker.as_ref().map(image::protocol_name),
         adapters_dir: options.adapters_dir,
         adapter_slots: options.adapter_slots,
+        daemon: options.daemon,
     };
     let size = screen.terminal.size()?;
     let mut state = AppState::new(settings, (size.width, size.height), Instant::now());

@@ -77,6 +77,8 @@ pub struct Settings {
     pub adapters_dir: PathBuf,
     /// The adapter storage budget (`adapters.max_slots`; 0 = no limit).
     pub adapter_slots: usize,
+    /// "daemon pid N" when the requests go to a daemon (shown in the status line).
+    pub daemon: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

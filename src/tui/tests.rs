@@ -29,6 +29,7 @@ fn settings(keymap: &str) -> Settings {
         images: Some("halfblocks".into()),
         adapters_dir: PathBuf::from("/data/adapters"),
         adapter_slots: 4,
+        daemon: None,
     }
 }
 

@@ -514,9 +514,12 @@ fn draw_status(frame: &mut Frame, area: Rect, state: &AppState) {
         return;
     }
     let sep = || Span::styled(" │ ", DIM);
-    let mut left = vec![
-        Span::styled(format!(" {}", state.settings.model), Style::new().add_modifier(Modifier::BOLD)),
-        sep(),
+    let mut left = vec![Span::styled(format!(" {}", state.settings.model), Style::new().add_modifier(Modifier::BOLD)), sep()];
+    if let Some(daemon) = &state.settings.daemon {
+        left.push(Span::styled(daemon.clone(), Style::new().fg(Color::Cyan)));
+        left.push(sep());
+    }
+    left.extend([
         Span::raw(format!("adapter: {}", state.active_adapter())),
         sep(),
         Span::raw(match state.tokens_per_second {
@@ -525,7 +528,7 @@ fn draw_status(frame: &mut Frame, area: Rect, state: &AppState) {
         }),
         sep(),
         Span::raw(format!("{} memories", state.memory_count())),
-    ];
+    ]);
     for pending in &state.pending {
         if let Job::Ingest { .. } | Job::Merge { .. } = pending.job {
             left.push(sep());

@@ -1,6 +1,6 @@
 //! The worker: one thread that owns the [`Assistant`] (the models and the memory store)
-//! and serves requests from every front end — the terminal app, batch mode, and later the
-//! daemon's clients. A request carries its own reply channel, on which the worker sends
+//! and serves requests from every front end — the terminal app, batch mode, the commands
+//! and the daemon's clients. A request carries its own reply channel, on which the worker sends
 //! the request's events in order, ending with [`Event::Done`]; changes to memory are also
 //! broadcast to every subscriber, so that any memories pane stays current.
 //!
@@ -10,6 +10,8 @@
 //! Adapter merges need no model, so they run on a second thread, one job at a time, and
 //! chat goes on meanwhile. When a merge rewrites an adapter that an operation runs with,
 //! the worker attaches the new version between two requests.
+
+pub mod protocol;
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -88,7 +90,7 @@ fn default_true() -> bool {
 }
 
 /// What the worker reports back. Every request ends with `Done` (after an `Error` too).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// A piece of a streaming answer.
@@ -148,21 +150,21 @@ pub enum Event {
     Done,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hit {
     pub score: f64,
     pub memory: MemoryRecord,
 }
 
 /// An adapter bound to a memory operation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Binding {
     pub operation: String,
     pub adapter: String,
     pub scale: f32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub model: String,
     pub memories: usize,
@@ -170,7 +172,7 @@ pub struct Status {
 }
 
 /// A memory change, as broadcast to every subscriber.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryNotice {
     pub changes: Vec<AppliedChange>,
     pub memories: usize,
@@ -197,17 +199,12 @@ pub struct Submission {
     pub cancel: CancelToken,
 }
 
-struct Job {
-    request: Request,
-    reply: mpsc::UnboundedSender<Event>,
-    cancel: CancelToken,
-}
-
-/// What the worker thread does next.
-enum Work {
-    Serve(Job),
-    /// Installed adapter `name` changed on disk.
-    AdapterChanged(String),
+/// A request on its way to whoever serves it: the worker thread, or the daemon a
+/// [`WorkerHandle::remote`] handle forwards to.
+pub(crate) struct Job {
+    pub(crate) request: Request,
+    pub(crate) reply: mpsc::UnboundedSender<Event>,
+    pub(crate) cancel: CancelToken,
 }
 
 /// Where merge jobs install adapters, and within which storage budget.
@@ -220,7 +217,8 @@ pub struct AdapterStorage {
 /// The front ends' side of the worker. Cloning it gives another front end.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    work: mpsc::UnboundedSender<Work>,
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Merges (the same queue as `jobs` for a remote handle).
     adapter_jobs: mpsc::UnboundedSender<Job>,
     notices: broadcast::Sender<MemoryNotice>,
 }
@@ -228,17 +226,16 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Queues `request`; its events arrive on the returned receiver.
     pub fn submit(&self, request: Request) -> Submission {
+        self.submit_with(request, CancelToken::default())
+    }
+
+    /// [`WorkerHandle::submit`] with a token made beforehand (the daemon makes one when a
+    /// request line arrives, so that it can be cancelled while it waits its turn).
+    pub fn submit_with(&self, request: Request, cancel: CancelToken) -> Submission {
         let (reply, events) = mpsc::unbounded_channel();
-        let cancel = CancelToken::default();
         let job = Job { request, reply, cancel: cancel.clone() };
-        let refused = match job.request {
-            Request::MergeAdapters(_) => self.adapter_jobs.send(job).err().map(|e| e.0),
-            _ => self.work.send(Work::Serve(job)).err().and_then(|e| match e.0 {
-                Work::Serve(job) => Some(job),
-                Work::AdapterChanged(_) => None,
-            }),
-        };
-        if let Some(job) = refused {
+        let queue = if matches!(job.request, Request::MergeAdapters(_)) { &self.adapter_jobs } else { &self.jobs };
+        if let Err(mpsc::error::SendError(job)) = queue.send(job) {
             let _ = job.reply.send(Event::Error { message: "the worker has stopped".into() });
             let _ = job.reply.send(Event::Done);
         }
@@ -249,6 +246,14 @@ impl WorkerHandle {
     pub fn subscribe(&self) -> broadcast::Receiver<MemoryNotice> {
         self.notices.subscribe()
     }
+
+    /// A handle whose requests are served by someone else than a local worker thread (the
+    /// daemon client): it receives the jobs, and announces memory changes on the sender.
+    pub(crate) fn remote() -> (WorkerHandle, mpsc::UnboundedReceiver<Job>, broadcast::Sender<MemoryNotice>) {
+        let (jobs, queue) = mpsc::unbounded_channel::<Job>();
+        let (notices, _) = broadcast::channel(256);
+        (WorkerHandle { adapter_jobs: jobs.clone(), jobs, notices: notices.clone() }, queue, notices)
+    }
 }
 
 /// Starts the worker thread with `assistant` (and the thread of adapter jobs on
@@ -256,13 +261,12 @@ impl WorkerHandle {
 /// are serving (so a memory operation in flight becomes durable). The returned thread
 /// ends after both.
 pub fn spawn(assistant: Assistant, model_name: String, adapters: AdapterStorage) -> (WorkerHandle, std::thread::JoinHandle<()>) {
-    let (work, mut queue) = mpsc::unbounded_channel::<Work>();
+    let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
     let (adapter_jobs, adapter_queue) = mpsc::unbounded_channel::<Job>();
+    // Adapters a merge rewrote, for the worker to attach again before its next request.
+    let (changed, mut changes) = mpsc::unbounded_channel::<String>();
     let (notices, _) = broadcast::channel(256);
-    let handle = WorkerHandle { work: work.clone(), adapter_jobs, notices: notices.clone() };
-    // A weak sender: the adapter thread must not keep the worker alive.
-    let changed = work.downgrade();
-    drop(work);
+    let handle = WorkerHandle { jobs, adapter_jobs, notices: notices.clone() };
     let registry = adapters.registry.clone();
     let adapter_thread = std::thread::Builder::new()
         .name("memlora-adapter-jobs".into())
@@ -272,11 +276,11 @@ pub fn spawn(assistant: Assistant, model_name: String, adapters: AdapterStorage)
         .name("memlora-worker".into())
         .spawn(move || {
             let mut worker = Worker { assistant, model_name, notices, registry };
-            while let Some(work) = queue.blocking_recv() {
-                match work {
-                    Work::Serve(job) => worker.serve(job),
-                    Work::AdapterChanged(name) => worker.reload_adapter(&name),
+            while let Some(job) = queue.blocking_recv() {
+                while let Ok(name) = changes.try_recv() {
+                    worker.reload_adapter(&name);
                 }
+                worker.serve(job);
             }
             let _ = adapter_thread.join();
         })
@@ -285,7 +289,7 @@ pub fn spawn(assistant: Assistant, model_name: String, adapters: AdapterStorage)
 }
 
 /// Serves merge jobs in order; tells the worker about adapters they rewrote.
-fn run_adapter_jobs(mut queue: mpsc::UnboundedReceiver<Job>, storage: AdapterStorage, changed: mpsc::WeakUnboundedSender<Work>) {
+fn run_adapter_jobs(mut queue: mpsc::UnboundedReceiver<Job>, storage: AdapterStorage, changed: mpsc::UnboundedSender<String>) {
     while let Some(Job { request, reply, cancel }) = queue.blocking_recv() {
         let send = |event: Event| {
             let _ = reply.send(event);
@@ -312,9 +316,7 @@ fn run_adapter_jobs(mut queue: mpsc::UnboundedReceiver<Job>, storage: AdapterSto
             Ok(outcome) => {
                 // Before `Merged`: a request sent after it finds the new version attached.
                 if let Admission::Merged { into, .. } = &outcome.admission {
-                    if let Some(worker) = changed.upgrade() {
-                        let _ = worker.send(Work::AdapterChanged(into.clone()));
-                    }
+                    let _ = changed.send(into.clone());
                 }
                 send(Event::Merged { outcome });
             }

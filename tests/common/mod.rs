@@ -357,6 +357,22 @@ pub fn require_real_models() -> bool {
     std::env::var("MEMLORA_REQUIRE_REAL_MODELS").is_ok_and(|v| v == "1")
 }
 
+/// The model cache holding both real models, or `None` (the test skips) when they are
+/// absent and not required.
+pub fn real_models() -> Option<PathBuf> {
+    let dir = real_models_dir()?;
+    let catalog = memlora::models::Catalog::builtin().expect("builtin manifests parse");
+    let cache = memlora::models::ModelCache::new(dir.clone());
+    let present =
+        ["smollm2-135m-instruct", "all-minilm-l6-v2"].iter().all(|name| catalog.get(name).and_then(|m| cache.resolve(m)).is_some());
+    if !present {
+        assert!(!require_real_models(), "the real models are required but not in {}; run scripts/test", dir.display());
+        eprintln!("skipping: the real models are not in {}", dir.display());
+        return None;
+    }
+    Some(dir)
+}
+
 /// The memlora binary on `data_dir` with a tiny random sentence embedder (so that
 /// commands with memory run without the real models), its own model cache, and no hub.
 pub fn memlora_command(data_dir: &Path) -> std::process::Command {
