@@ -407,3 +407,41 @@ fn the_real_model_answers_through_the_daemon_from_another_clients_memory() {
     drop(client);
     daemon.stop();
 }
+
+#[test]
+fn images_and_adapter_merges_go_through_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vision_model = common::write_tiny_smolvlm(&d.join("tiny-vlm"), 4);
+    let model = tiny_model(d);
+    let mut command = memlora_command(d);
+    command
+        .args(["serve", "--model", model.to_str().unwrap()])
+        .env("MEMLORA_GENERATION__MAX_TOKENS", "4")
+        .env("MEMLORA_VISION__MODEL", &vision_model);
+    let daemon = Daemon::spawn(d, command);
+
+    // An image asked about from another directory: the daemon reads it by its absolute path.
+    let photos = d.join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    image::RgbImage::from_pixel(20, 10, image::Rgb([200, 10, 10])).save(photos.join("red.png")).unwrap();
+    let out = memlora_command(d).current_dir(&photos).args(["ask", "--json", "--image", "red.png", "What colour?"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["looked_at"]["mode"], "native", "{answer}");
+    assert!(answer["looked_at"]["path"].as_str().unwrap().starts_with(d.join("images").to_str().unwrap()));
+
+    // A merge is the daemon's job.
+    let config = memlora::engine::ChatModel::load(&model, &memlora::engine::LoadOptions::default()).unwrap().decoder_config().clone();
+    for (name, seed) in [("style", 1), ("tone", 2)] {
+        let path = d.join("incoming").join(name);
+        memlora::adapters::LoraAdapter::random(&config, 4, 8.0, &[memlora::engine::TargetModule::Q], 0.5, seed)
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        assert!(memlora_command(d).args(["adapters", "import", path.to_str().unwrap()]).output().unwrap().status.success());
+    }
+    let merged = json_of(d, &["adapters", "merge", "--json", "--into", "both", "style", "tone"]);
+    assert_eq!(merged["admission"]["adapter"]["name"], "both", "{merged}");
+    daemon.stop();
+}

@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use memlora::adapters::merge::{self, MergeMethod};
 use memlora::adapters::{AdapterRegistry, Admission, InstalledAdapter, LoraAdapter, MergeOutcome, MergeProgress, MergeSpec, MergeStage};
 use memlora::daemon;
+use memlora::worker::{Event, Request};
 use serde_json::json;
 
 use super::Env;
@@ -108,7 +109,8 @@ pub enum Method {
 
 pub fn run(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
     use AdaptersCommand::*;
-    let changes_adapters = matches!(command, Import { .. } | Remove { .. } | Bind { .. } | Unbind { .. } | Merge { .. } | Train(_));
+    // (A merge goes through the daemon when one runs.)
+    let changes_adapters = matches!(command, Import { .. } | Remove { .. } | Bind { .. } | Unbind { .. } | Train(_));
     run_command(env, command)?;
     // The adapter files are the registry's, not the daemon's: they change here, and the
     // daemon loads them when it starts.
@@ -204,10 +206,17 @@ fn run_command(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
                 ProgressStyle::with_template("{msg:16!} {bar:30} {pos:>4}/{len:<4} {elapsed_precise}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            let outcome = registry.merge(&spec, env.budget(), &mut |progress| {
-                show_merge_progress(&bar, progress);
-                ControlFlow::Continue(())
-            });
+            let outcome = match env.daemon()? {
+                // The daemon's own adapter jobs merge, and its worker attaches a rewritten
+                // adapter it runs with.
+                Some(daemon) => merge_on_daemon(daemon, &spec, &bar),
+                None => registry
+                    .merge(&spec, env.budget(), &mut |progress| {
+                        show_merge_progress(&bar, progress);
+                        ControlFlow::Continue(())
+                    })
+                    .map_err(anyhow::Error::from),
+            };
             bar.finish_and_clear();
             let outcome = outcome?;
             if json {
@@ -242,6 +251,27 @@ fn run_command(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs the merge as the daemon's job, drawing its progress as it comes.
+fn merge_on_daemon(daemon: super::Daemon, spec: &MergeSpec, bar: &ProgressBar) -> anyhow::Result<MergeOutcome> {
+    let mut submission = daemon.handle.submit(Request::MergeAdapters(spec.clone()));
+    let (mut outcome, mut error) = (None, None);
+    while let Some(event) = submission.events.blocking_recv() {
+        match event {
+            Event::MergeProgress { progress } => show_merge_progress(bar, progress),
+            Event::Merged { outcome: merged } => outcome = Some(merged),
+            Event::Error { message } => error = Some(message),
+            Event::Done => break,
+            _ => {}
+        }
+    }
+    daemon.finish();
+    match (outcome, error) {
+        (_, Some(message)) => anyhow::bail!("{message}"),
+        (Some(outcome), None) => Ok(outcome),
+        (None, None) => anyhow::bail!("the daemon ended the merge without a result"),
+    }
 }
 
 fn show_merge_progress(bar: &indicatif::ProgressBar, progress: MergeProgress) {
