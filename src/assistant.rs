@@ -91,12 +91,17 @@ impl LanguageModel for EngineModel<'_> {
                 EngineError::PromptTooLong { .. } => PipelineError::TooLong { operation, message: error.to_string() },
                 _ => PipelineError::Model { operation, message: error.to_string() },
             })?;
-        Ok(Completion {
-            text: generation.text.clone(),
-            prompt_tokens: generation.prompt_tokens,
-            completion_tokens: generation.completion_tokens,
-            stats: Some(generation),
-        })
+        Ok(completion_of(generation))
+    }
+}
+
+/// The pipeline's view of an engine generation.
+fn completion_of(generation: crate::engine::Generation) -> Completion {
+    Completion {
+        text: generation.text.clone(),
+        prompt_tokens: generation.prompt_tokens,
+        completion_tokens: generation.completion_tokens,
+        stats: Some(generation),
     }
 }
 
@@ -263,13 +268,7 @@ impl Assistant {
             .collect();
         if let (Some(path), Some(vision)) = (image, self.vision.as_mut()) {
             let picture = crate::images::load(&path)?;
-            let generation = vision.look(&picture, question, &self.sampling, on_text)?;
-            let completion = Completion {
-                text: generation.text.clone(),
-                prompt_tokens: generation.prompt_tokens,
-                completion_tokens: generation.completion_tokens,
-                stats: Some(generation),
-            };
+            let completion = completion_of(vision.look(&picture, question, &self.sampling, on_text)?);
             return Ok(Answer { text: completion.text.clone(), memories, completion, image: Some(path) });
         }
         self.answer_with(question, memories, on_text)
@@ -302,13 +301,7 @@ impl Assistant {
         let (stored, image) = crate::images::store(&data_dir, path)?;
         let (answer, mut caption): (Answer, Option<String>) = match mode {
             VisionMode::Native => {
-                let generation = vision.look(&image, question, &self.sampling, on_text)?;
-                let completion = Completion {
-                    text: generation.text.clone(),
-                    prompt_tokens: generation.prompt_tokens,
-                    completion_tokens: generation.completion_tokens,
-                    stats: Some(generation),
-                };
+                let completion = completion_of(vision.look(&image, question, &self.sampling, on_text)?);
                 (Answer { text: completion.text.clone(), memories: Vec::new(), completion, image: Some(stored.path.clone()) }, None)
             }
             VisionMode::Caption => {
