@@ -48,7 +48,7 @@ fn a_tiny_smolvlm_loads_encodes_an_image_and_generates_deterministically() {
     let first = generate(&mut model, &red, &sampling);
     assert!(first.1 > 0);
     assert_eq!(generate(&mut model, &red, &sampling), first, "the same seed gives the same answer");
-    let other_seed = SamplingParams { seed: 12, ..sampling.clone() };
+    let other_seed = SamplingParams { seed: 12, ..sampling };
     let _ = generate(&mut model, &red, &other_seed);
     // A text prompt after an image prompt starts afresh (the image rows are not reused
     // as if they were the placeholder token's embedding).

@@ -750,9 +750,11 @@ mod tests {
             response_prefix: String::new(),
         };
         let mut distilled = Distilled::default();
-        let mut set = ConversationSet::default();
-        set.extract = (0..8).map(|_| example("facts")).chain((0..10).map(|_| example("empty"))).collect();
-        set.update = (0..30).map(|_| example("ADD")).collect();
+        let set = ConversationSet {
+            extract: (0..8).map(|_| example("facts")).chain((0..10).map(|_| example("empty"))).collect(),
+            update: (0..30).map(|_| example("ADD")).collect(),
+            ..ConversationSet::default()
+        };
         distilled.add(Split::Train, "c", set);
         let mut capped = Distilled { examples: distilled.examples.clone(), ..Distilled::default() };
         capped.sample(Sampling { max_examples_per_op: None, seed: 1 });

@@ -88,11 +88,11 @@ impl VisionLanguageModel {
         let config: VlmConfig = serde_json::from_str(&text)
             .map_err(|e| bad_file(&config_path, format!("not a vision-language model config (vision_config): {e}")))?;
         let vision = &config.vision_config;
-        if vision.patch_size == 0 || vision.image_size % vision.patch_size != 0 || config.scale_factor == 0 {
+        if vision.patch_size == 0 || !vision.image_size.is_multiple_of(vision.patch_size) || config.scale_factor == 0 {
             return Err(bad_file(&config_path, "image_size must be a multiple of patch_size, and scale_factor at least 1"));
         }
         let side = vision.image_size / vision.patch_size;
-        if side % config.scale_factor != 0 {
+        if !side.is_multiple_of(config.scale_factor) {
             return Err(bad_file(&config_path, format!("{side} patches a side do not shuffle by scale_factor {}", config.scale_factor)));
         }
         let preprocessor = match std::fs::read_to_string(dir.join("preprocessor_config.json")) {
@@ -221,7 +221,7 @@ impl VisionLanguageModel {
 fn pixel_shuffle(x: &Tensor, scale: usize) -> Result<Tensor> {
     let (batch, seq, dim) = x.dims3()?;
     let side = (seq as f64).sqrt().round() as usize;
-    if side * side != seq || side % scale != 0 {
+    if side * side != seq || !side.is_multiple_of(scale) {
         return Err(EngineError::Image(format!("{seq} patches do not form a square divisible by {scale}")));
     }
     let x = x.reshape((batch, side, side / scale, dim * scale))?;
