@@ -199,7 +199,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// speed of the arithmetic does not depend on the values).
 fn vision(env: &Env, steps: usize, repeat: usize, json_out: bool) -> anyhow::Result<()> {
     use memlora::engine::vision::{write_random_checkpoint, SmolVlmShape, VisionLanguageModel};
-    let settings = env.vision_settings(false)?;
+    let settings = env.vision_settings(None)?;
     let scratch = tempfile::tempdir()?;
     let (dir, weights) = match &settings.model {
         Ok(dir) => (dir.clone(), "real"),

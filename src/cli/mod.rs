@@ -178,14 +178,22 @@ impl Env {
         // `adapters bind` records bindings in the registry; names in the config win.
         let mut bound = if use_bindings { AdapterRegistry::open(&self.paths.data_dir)?.bindings()? } else { Default::default() };
         let configured = &self.config.memory.adapters;
-        for (operation, name) in [("extract", &configured.extract), ("update", &configured.update), ("generate", &configured.generate)] {
+        let operations = [
+            ("extract", &configured.extract),
+            ("update", &configured.update),
+            ("generate", &configured.generate),
+            ("vision", &configured.vision),
+        ];
+        for (operation, name) in operations {
             if use_bindings && !name.is_empty() {
                 bound.insert(operation.to_owned(), name.clone());
             }
         }
+        // The vision model's decoder takes its adapter when it loads; the chat model the rest.
+        let vision_adapter = bound.remove("vision");
         let mut specs: std::collections::BTreeMap<Operation, Vec<String>> = std::collections::BTreeMap::new();
         for (operation, name) in bound {
-            // Bindings for operations this build does not run yet (vision) wait for it.
+            // Bindings for operations this build does not run are kept for a build that does.
             if let Ok(operation) = operation.parse::<Operation>() {
                 specs.insert(operation, vec![name]);
             }
@@ -207,7 +215,7 @@ impl Env {
         let memory = &self.config.memory;
         let mut assistant = Assistant::new(chat, embedder, store, self.pipeline()?, adapters, sampling, memory.user_name.clone())?;
         assistant.set_extract_window(memory.extract_window);
-        assistant.set_vision(Vision::new(self.vision_settings(use_bindings)?));
+        assistant.set_vision(Vision::new(self.vision_settings(vision_adapter.as_deref())?));
         Ok(assistant)
     }
 
@@ -237,23 +245,17 @@ impl Env {
 
     /// The vision model's settings. The model is only located (not pulled: it is large and
     /// only wanted with images); when it is missing, using it says how to get it.
-    pub fn vision_settings(&self, use_bindings: bool) -> anyhow::Result<VisionSettings> {
+    pub fn vision_settings(&self, adapter: Option<&str>) -> anyhow::Result<VisionSettings> {
         let config = &self.config.vision;
         let mode: VisionMode = config.mode.parse().map_err(anyhow::Error::msg).context("vision.mode")?;
-        let mut adapter = String::new();
-        if use_bindings {
-            adapter = AdapterRegistry::open(&self.paths.data_dir)?.bindings()?.remove("vision").unwrap_or_default();
-            if !self.config.memory.adapters.vision.is_empty() {
-                adapter = self.config.memory.adapters.vision.clone();
+        let adapters = match adapter {
+            None => Vec::new(),
+            Some(spec) => {
+                let (name, scale) = parse_adapter_spec(spec)?;
+                let dir = self.adapter_dir(&name);
+                let slot = dir.file_name().map_or(name, |n| n.to_string_lossy().into_owned());
+                vec![(slot, dir, scale)]
             }
-        }
-        let adapters = if adapter.is_empty() {
-            Vec::new()
-        } else {
-            let (name, scale) = parse_adapter_spec(&adapter)?;
-            let dir = self.adapter_dir(&name);
-            let slot = dir.file_name().map_or(name, |n| n.to_string_lossy().into_owned());
-            vec![(slot, dir, scale)]
         };
         let weights: WeightFormat = self.config.engine.weights.parse().map_err(anyhow::Error::msg).context("engine.weights")?;
         let load = LoadOptions { weights, context: self.config.engine.context, tokenizer: None, chat_template: None, aliases: Vec::new() };
