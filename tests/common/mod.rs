@@ -312,6 +312,24 @@ pub fn write_tiny_bert(dir: &Path) {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let cfg: Config = serde_json::from_value(config).unwrap();
     BertModel::load(vb, &cfg).unwrap();
+    // candle initialises from an unseeded generator; the same weights every run keep tests
+    // that compare embeddings from depending on the draw. Random tensors keep their spread,
+    // constant ones (norms, biases) stay as they are.
+    let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+    names.sort();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xbe27);
+    for name in names {
+        let var = varmap.data().lock().unwrap()[&name].clone();
+        let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mean = values.iter().sum::<f32>() / values.len() as f32;
+        let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / values.len() as f32).sqrt();
+        if std == 0.0 {
+            continue;
+        }
+        let bound = std * 3f32.sqrt();
+        let seeded: Vec<f32> = values.iter().map(|_| mean + rng.random_range(-bound..bound)).collect();
+        var.set(&Tensor::from_vec(seeded, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+    }
     varmap.save(dir.join("model.safetensors")).unwrap();
 
     let mut vocab = serde_json::Map::new();
