@@ -138,6 +138,8 @@ pub struct IngestProgress<'a> {
 
 /// The totals of an ingest.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+// Counts added later read as 0 in the records of earlier versions (an eval's journal).
+#[serde(default)]
 pub struct IngestSummary {
     pub conversations: usize,
     pub sessions: usize,

@@ -38,6 +38,7 @@ pub struct VisionConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AdaptersConfig {
+    pub bundled: bool,
     pub max_slots: usize,
     pub merge_threshold: f32,
     pub merge_rank: usize,

@@ -19,7 +19,8 @@ struct Args {
     #[arg(long, global = true, env = "MEMLORA_MODELS_DIR", value_name = "DIR")]
     models_dir: Option<PathBuf>,
     /// Run standalone even when a daemon (`memlora serve`) serves the data dir.
-    #[arg(long, global = true, env = "MEMLORA_NO_DAEMON")]
+    // Falsey parsing lets the variable read as shells set it (1/0, yes/no, true/false).
+    #[arg(long, global = true, env = "MEMLORA_NO_DAEMON", value_parser = clap::builder::FalseyValueParser::new())]
     no_daemon: bool,
     /// Without a command: the interactive app.
     #[command(subcommand)]

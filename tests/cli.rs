@@ -512,3 +512,43 @@ fn eval_locomo_scores_each_answer_journals_it_and_resumes() {
     assert_eq!(std::fs::read_to_string(&journal).unwrap().lines().count(), 3, "the first two were not asked again");
     assert_eq!(second["predictions"][0], first["predictions"][0]);
 }
+
+#[test]
+fn a_new_data_dir_gets_the_bundled_experts_bound_once_and_other_models_run_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bundled = [("MEMLORA_ADAPTERS__BUNDLED", "true")];
+    let list = |d: &Path| {
+        let out = memlora_with(d, &bundled, &["adapters", "list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let listed = list(d);
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    let expected: Vec<&str> = memlora::adapters::bundled::EXPERTS.iter().map(|e| e.name).collect();
+    assert_eq!(names, expected);
+    for adapter in listed.as_array().unwrap() {
+        assert!(adapter["info"]["validation"]["loss"].as_f64().is_some_and(f64::is_finite), "{adapter}");
+    }
+    let table = stdout(&memlora_with(d, &bundled, &["adapters", "list"]));
+    assert!(table.contains("VALIDATION") && table.contains("loss "), "{table}");
+    let first = memlora::adapters::bundled::EXPERTS[0].name;
+    let shown = stdout(&memlora_with(d, &bundled, &["adapters", "show", first]));
+    assert!(shown.contains("serves       extract") && shown.contains("validation   loss"), "{shown}");
+
+    // The user's choices stick: unbound stays unbound, removed stays removed.
+    assert!(memlora_with(d, &bundled, &["adapters", "unbind", "extract"]).status.success());
+    assert!(stdout(&memlora_with(d, &bundled, &["adapters", "show", first])).contains("serves       -"));
+    assert!(memlora_with(d, &bundled, &["adapters", "remove", first]).status.success());
+    assert!(list(d).as_array().unwrap().iter().all(|a| a["name"] != first));
+
+    // Another model runs without the experts bound for the default one.
+    let fresh = tempfile::tempdir().unwrap();
+    let f = fresh.path();
+    list(f);
+    let model = TinyModel::random(TinySpec::llama(), 21).write_gguf(&f.join("tiny.gguf"), GgmlDType::Q8_0);
+    let out = memlora_with(f, &bundled, &["ask", "--json", "--no-remember", "--model", model.to_str().unwrap(), "--max-tokens", "4", "the cat"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["adapters"].as_object().map(|a| a.len()), Some(0), "{answer}");
+}

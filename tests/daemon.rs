@@ -199,6 +199,12 @@ fn two_clients_share_memories_and_each_sees_the_others_changes() {
     assert_eq!(status["status"]["memories"], 1);
     let listed = json_of(d, &["memory", "list", "--json"]);
     assert_eq!(listed[0]["text"], "the cat sat on the mat");
+    // MEMLORA_NO_DAEMON reads as shells set it: 0 still uses the daemon; 1 runs
+    // standalone, which the daemon holding the store refuses.
+    let through = memlora_command(d).env("MEMLORA_NO_DAEMON", "0").args(["memory", "list", "--json"]).output().unwrap();
+    assert!(through.status.success(), "{}", stderr(&through));
+    let standalone = memlora_command(d).env("MEMLORA_NO_DAEMON", "1").args(["memory", "list", "--json"]).output().unwrap();
+    assert!(!standalone.status.success() && stderr(&standalone).contains("in use by memlora"), "{}", stderr(&standalone));
     let out = memlora_command(d).args(["memory", "add", "a", "dog", "grew"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     while a.notice()["changes"][0]["text"] != "a dog grew" {}

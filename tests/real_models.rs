@@ -4,12 +4,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
+use memlora::adapters::bundled;
 use memlora::config::Config;
 use memlora::engine::{cosine, ChatModel, Embedder, LoadOptions, SamplingParams};
-use memlora::memory::pipeline::Operation;
-use memlora::memory::prompts::Prompts;
+use memlora::memory::pipeline::{Exchange, MemoryPipeline, Operation, PipelineSettings, Turn};
+use memlora::memory::prompts::{Prompts, RenderedPrompt};
 use memlora::models::{Catalog, ModelCache, ModelFiles};
 
 fn provisioned(name: &str) -> Option<ModelFiles> {
@@ -89,4 +91,95 @@ fn decode_kernels_keep_the_models_perplexity() {
     eprintln!("perplexity: f32 {reference:.3}, default kernels {ours:.3}");
     assert!(reference > 2.0 && reference < 30.0, "the model reads English: perplexity {reference}");
     assert!((ours / reference - 1.0).abs() < 0.01, "default kernels change perplexity from {reference:.3} to {ours:.3}");
+}
+
+/// The default model with each bundled expert attached under its own name.
+fn default_model_with_experts(files: &ModelFiles) -> (ChatModel, BTreeMap<String, String>) {
+    let config = Config::defaults();
+    // The catalog name is what the app loads the model as, and what the experts name.
+    let options = LoadOptions {
+        weights: config.engine.weights.parse().unwrap(),
+        context: config.engine.context,
+        aliases: vec!["smollm2-135m-instruct".into()],
+        ..LoadOptions::default()
+    };
+    let mut model = ChatModel::load(&files.weights, &options).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let mut by_operation = BTreeMap::new();
+    for expert in bundled::EXPERTS.iter().filter(|e| e.base_model == "smollm2-135m-instruct") {
+        let (adapter, info) = expert.load(scratch.path()).unwrap();
+        model.attach_adapter(expert.name, &adapter).unwrap_or_else(|e| panic!("{} does not fit the default model: {e}", expert.name));
+        by_operation.insert(info.operation.unwrap(), expert.name.to_owned());
+    }
+    (model, by_operation)
+}
+
+/// What the model writes after the prompt's response prefix, greedy, as the pipeline
+/// asks for JSON.
+fn complete_json(model: &mut ChatModel, prompt: &RenderedPrompt, adapter: &str) -> serde_json::Value {
+    let sampling = SamplingParams { max_tokens: prompt.max_tokens.unwrap_or(160), temperature: 0.0, top_p: 1.0, seed: 7, repeat_penalty: 1.0 };
+    let generation = model
+        .continue_answer(&prompt.messages, &prompt.response_prefix, &sampling, &[(adapter.to_owned(), 1.0)], &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    let text = format!("{}{}", prompt.response_prefix, generation.text);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{adapter} wrote invalid JSON ({e}): {text}"))
+}
+
+#[test]
+fn bundled_experts_fit_the_default_model_and_write_the_pipelines_json() {
+    let Some(files) = provisioned("smollm2-135m-instruct") else { return };
+    let (mut model, experts) = default_model_with_experts(&files);
+    assert_eq!(experts.keys().map(String::as_str).collect::<Vec<_>>(), ["extract", "generate", "update"], "an expert per memory operation");
+    let pipeline = MemoryPipeline::new(Prompts::builtin(), PipelineSettings::default());
+
+    // Extraction on a fixed excerpt: {"facts": [...]} with facts about what was said.
+    let turn = |speaker: &str, text: &str| Turn { id: None, speaker: speaker.into(), text: text.into() };
+    let exchange = Exchange {
+        turns: vec![
+            turn("Maya", "I finally adopted a dog last weekend, a beagle named Biscuit!"),
+            turn("Tom", "Congrats! I'm still training for the Berlin marathon in September."),
+        ],
+        date: Some("8 May 2023".into()),
+        ..Exchange::default()
+    };
+    let prompt = pipeline.extract_prompt(&exchange).unwrap().unwrap();
+    let extracted = complete_json(&mut model, &prompt, &experts["extract"]);
+    let facts = extracted["facts"].as_array().unwrap_or_else(|| panic!("no facts list: {extracted}"));
+    assert!(!facts.is_empty() && facts.iter().all(|f| f.as_str().is_some_and(|f| !f.trim().is_empty())), "{extracted}");
+    let all = facts.iter().filter_map(|f| f.as_str()).collect::<Vec<_>>().join(" ");
+    assert!(all.contains("Biscuit") || all.contains("beagle") || all.contains("marathon"), "facts miss the excerpt: {all}");
+
+    // Update: {"memory": [...]} with events the pipeline knows, about memories it was shown.
+    let memories = serde_json::json!([{"id": 0, "text": "Maya has a cat named Tom."}, {"id": 1, "text": "Maya lives in Leeds."}]);
+    let prompt = Prompts::builtin()
+        .render(Operation::Update, serde_json::json!({"fact": "Maya moved to York in May 2023.", "memories": memories}))
+        .unwrap();
+    let decided = complete_json(&mut model, &prompt, &experts["update"]);
+    let decisions = decided["memory"].as_array().unwrap_or_else(|| panic!("no memory list: {decided}"));
+    assert!(!decisions.is_empty(), "{decided}");
+    for decision in decisions {
+        let event = decision["event"].as_str().unwrap_or_default();
+        assert!(["ADD", "UPDATE", "DELETE", "NONE"].contains(&event), "{decided}");
+        if event != "ADD" {
+            assert!(["0", "1"].contains(&decision["id"].as_str().unwrap_or_default()), "{decided}");
+        }
+    }
+
+    // Generation: a short answer from the memory that holds it.
+    let prompt = Prompts::builtin()
+        .render(
+            Operation::Generate,
+            serde_json::json!({"question": "Where does my sister Alice live?", "memories": [
+                {"text": "Alice lives in Lisbon and works as a nurse.", "date": "8 May 2023"},
+                {"text": "Maya has a cat named Tom.", "date": "2 May 2023"}
+            ]}),
+        )
+        .unwrap();
+    let sampling = SamplingParams { max_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 7, repeat_penalty: 1.1 };
+    let answer = model
+        .continue_answer(&prompt.messages, &prompt.response_prefix, &sampling, &[(experts["generate"].clone(), 1.0)], &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert!(answer.text.contains("Lisbon") && answer.text.len() < 80, "answer: {:?}", answer.text);
 }

@@ -3,6 +3,7 @@
 //! memorization audit build on this.
 
 pub mod audit;
+pub mod bundled;
 pub mod merge;
 pub mod peft;
 pub mod registry;

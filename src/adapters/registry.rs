@@ -16,7 +16,7 @@ use super::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use super::{AdapterError, LoraAdapter, PeftConfig};
 
 pub const ADAPTERS_DIR: &str = "adapters";
-const INFO_FILE: &str = "memlora.json";
+pub(super) const INFO_FILE: &str = "memlora.json";
 const BINDINGS_FILE: &str = "bindings.json";
 
 /// What memlora records about an installed adapter.
@@ -34,6 +34,21 @@ pub struct AdapterInfo {
     /// Unix seconds.
     #[serde(default)]
     pub created: i64,
+    /// Scores on held-out data, by name: `loss` is the mean token loss on the validation
+    /// set training was given (the best epoch's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub validation: BTreeMap<String, f64>,
+}
+
+impl AdapterInfo {
+    /// The validation scores in words ("loss 1.120"), or "-".
+    pub fn validation_summary(&self) -> String {
+        if self.validation.is_empty() {
+            return "-".into();
+        }
+        let words: Vec<String> = self.validation.iter().map(|(name, value)| format!("{name} {value:.3}")).collect();
+        words.join(", ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,6 +249,8 @@ impl AdapterRegistry {
                 let info = AdapterInfo {
                     merged_from: merged.members.clone(),
                     source: Some(format!("k-merge of {}", merged.members.join(", "))),
+                    // The scores were the unmerged adapter's.
+                    validation: BTreeMap::new(),
                     ..target.info.clone()
                 };
                 let info_path = target.dir.join(INFO_FILE);
@@ -266,8 +283,8 @@ impl AdapterRegistry {
         let info = AdapterInfo {
             operation: operation.map(str::to_owned),
             source: Some(source.display().to_string()),
-            merged_from: Vec::new(),
             created: crate::memory::now(),
+            ..AdapterInfo::default()
         };
         self.admit(&name, &adapter, &info, budget)
     }
@@ -346,6 +363,7 @@ impl AdapterRegistry {
             source: Some(format!("merge: {recipe} of {}", spec.adapters.join(" "))),
             merged_from: inputs.into_iter().map(|(name, ..)| name).collect(),
             created: crate::memory::now(),
+            ..AdapterInfo::default()
         };
         let admission = self.admit(&spec.into, &merged.adapter, &info, budget)?;
         let _ = on_progress(MergeProgress { stage: MergeStage::Installing, done: 1, total: 1 });
@@ -421,7 +439,7 @@ pub fn check_name(name: &str) -> Result<(), AdapterError> {
     }
 }
 
-fn io(path: &Path, error: impl std::fmt::Display) -> AdapterError {
+pub(super) fn io(path: &Path, error: impl std::fmt::Display) -> AdapterError {
     AdapterError::Io { path: path.to_owned(), message: error.to_string() }
 }
 

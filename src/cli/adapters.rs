@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use memlora::adapters::merge::{self, MergeMethod};
-use memlora::adapters::{AdapterRegistry, Admission, InstalledAdapter, LoraAdapter, MergeOutcome, MergeProgress, MergeSpec, MergeStage};
+use memlora::adapters::{Admission, InstalledAdapter, LoraAdapter, MergeOutcome, MergeProgress, MergeSpec, MergeStage};
 use memlora::daemon;
+use memlora::engine::TargetModule;
 use memlora::worker::{Event, Request};
 use serde_json::json;
 
@@ -124,7 +125,7 @@ pub fn run(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
 }
 
 fn run_command(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
-    let registry = AdapterRegistry::open(&env.paths.data_dir)?;
+    let registry = env.adapter_registry(&env.config.model)?;
     match command {
         AdaptersCommand::Train(args) => return super::train::train(env, *args),
         AdaptersCommand::Audit(args) => return super::train::audit(env, args),
@@ -138,17 +139,21 @@ fn run_command(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
             if adapters.is_empty() {
                 println!("no adapters installed in {}", registry.dir().display());
             }
-            println!("{:<24} {:>4} {:<40} {:>9} {:<10} {:<16} MERGED FROM", "NAME", "RANK", "TARGETS", "SIZE", "OPERATION", "SERVES");
+            println!(
+                "{:<24} {:>4} {:<40} {:>9} {:<10} {:<16} {:<30} MERGED FROM",
+                "NAME", "RANK", "TARGETS", "SIZE", "OPERATION", "SERVES", "VALIDATION"
+            );
             for adapter in &adapters {
                 let serves: Vec<&str> = bindings.iter().filter(|(_, n)| **n == adapter.name).map(|(op, _)| op.as_str()).collect();
                 println!(
-                    "{:<24} {:>4} {:<40} {:>9} {:<10} {:<16} {}",
+                    "{:<24} {:>4} {:<40} {:>9} {:<10} {:<16} {:<30} {}",
                     adapter.name,
                     adapter.rank,
-                    adapter.targets.join(","),
+                    targets_summary(&adapter.targets),
                     format!("{:.1} MB", adapter.bytes as f64 / 1e6),
                     adapter.info.operation.as_deref().unwrap_or("-"),
                     if serves.is_empty() { "-".into() } else { serves.join(",") },
+                    adapter.info.validation_summary(),
                     adapter.info.merged_from.join(", ")
                 );
             }
@@ -308,6 +313,7 @@ fn print_adapter(adapter: &InstalledAdapter, serves: &[String]) {
     println!("  operation    {}", adapter.info.operation.as_deref().unwrap_or("-"));
     println!("  serves       {}", if serves.is_empty() { "-".into() } else { serves.join(", ") });
     println!("  source       {}", adapter.info.source.as_deref().unwrap_or("-"));
+    println!("  validation   {}", adapter.info.validation_summary());
     if !adapter.info.merged_from.is_empty() {
         println!("  merged from  {}", adapter.info.merged_from.join(", "));
     }
@@ -322,5 +328,15 @@ pub(super) fn print_admission(admission: &Admission) {
             100.0 * reconstruction_error,
             members.join(", ")
         ),
+    }
+}
+
+/// "all-linear" when an adapter covers every projection, else the projections.
+fn targets_summary(targets: &[String]) -> String {
+    let all = TargetModule::ALL.iter().all(|module| targets.iter().any(|t| t == module.hf_name()));
+    if all {
+        "all-linear".to_owned()
+    } else {
+        targets.join(",")
     }
 }

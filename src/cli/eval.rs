@@ -17,7 +17,7 @@ use memlora::eval::locomo::{read_journal, IngestRecord, JournalWriter, Mode, Pre
 use memlora::eval::metrics;
 use memlora::transcript::Conversation;
 
-use super::{Env, LocomoData};
+use super::{Env, Experts, LocomoData};
 
 #[derive(clap::Subcommand)]
 pub enum EvalCommand {
@@ -35,9 +35,10 @@ pub struct LocomoArgs {
     /// Category ids to answer (5 = adversarial).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     categories: Vec<u8>,
-    /// Run the memory operations with their bound adapters (on) or the base model (off).
-    #[arg(long, value_enum, default_value_t = Switch::On)]
-    experts: Switch,
+    /// Which memory operations run with their bound adapters: on (all), off (the base
+    /// model for everything), or operations by name (extract,update).
+    #[arg(long, default_value = "on")]
+    experts: Experts,
     #[arg(long, value_enum, default_value_t = Mode::Memory)]
     mode: Mode,
     /// Questions per conversation at most.
@@ -49,12 +50,6 @@ pub struct LocomoArgs {
     /// The JSON report; its working files (data dirs, journals) go in REPORT.d/.
     #[arg(long)]
     out: PathBuf,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Switch {
-    On,
-    Off,
 }
 
 pub fn run(env: &Env, command: EvalCommand) -> anyhow::Result<()> {
@@ -92,12 +87,12 @@ pub fn run(env: &Env, command: EvalCommand) -> anyhow::Result<()> {
             continue;
         }
         let data_dir = work.join(&conversation.id);
-        let mut assistant = env.open_assistant_for_eval(&data_dir, &model, args.experts == Switch::On)?;
+        let mut assistant = env.open_assistant_for_eval(&data_dir, &model, &args.experts)?;
         if args.mode == Mode::Memory && !ingested.contains(&conversation.id) {
             // A conversation whose ingest was interrupted starts again from a fresh store.
             drop(assistant);
             let _ = std::fs::remove_dir_all(&data_dir);
-            assistant = env.open_assistant_for_eval(&data_dir, &model, args.experts == Switch::On)?;
+            assistant = env.open_assistant_for_eval(&data_dir, &model, &args.experts)?;
             let record = ingest(&mut assistant, conversation, &bar)?;
             ingests.append(&record)?;
         }

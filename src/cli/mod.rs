@@ -19,7 +19,7 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use memlora::adapters::{AdapterRegistry, Budget, LoraAdapter};
+use memlora::adapters::{bundled, AdapterRegistry, Budget, LoraAdapter};
 use memlora::assistant::{Assistant, OperationAdapters};
 use memlora::config::{Config, Paths};
 use memlora::daemon::{self, DaemonInfo};
@@ -30,6 +30,42 @@ use memlora::memory::MemoryStore;
 use memlora::models::{Catalog, Manifest, ModelCache, ModelFiles};
 use memlora::vision::{Vision, VisionMode, VisionSettings};
 use memlora::worker::{Event, Request, WorkerHandle};
+
+/// Which memory operations run with their bound adapters (`--experts`): `on`, `off`, or
+/// the operations by name (`extract,update`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Experts {
+    All,
+    Only(Vec<String>),
+}
+
+impl Experts {
+    pub fn includes(&self, operation: &str) -> bool {
+        match self {
+            Experts::All => true,
+            Experts::Only(operations) => operations.iter().any(|o| o == operation),
+        }
+    }
+}
+
+impl std::str::FromStr for Experts {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Experts, String> {
+        match text {
+            "on" => Ok(Experts::All),
+            "off" => Ok(Experts::Only(Vec::new())),
+            list => list
+                .split(',')
+                .map(|name| match name.trim() {
+                    operation @ ("extract" | "update" | "generate" | "vision") => Ok(operation.to_owned()),
+                    other => Err(format!("'{other}' is not on, off or an operation (extract, update, generate, vision)")),
+                })
+                .collect::<Result<_, _>>()
+                .map(Experts::Only),
+        }
+    }
+}
 
 /// What every command starts from.
 pub struct Env {
@@ -146,15 +182,29 @@ impl Env {
     ) -> anyhow::Result<Assistant> {
         let embedder = self.load_embedder()?;
         let store = MemoryStore::open(data_dir, embedder.dimension())?;
-        self.assistant_with(embedder, store, model, generate_adapters, sampling, true)
+        self.assistant_with(embedder, store, model, generate_adapters, sampling, &Experts::All)
     }
 
     /// An assistant on the memories of `data_dir` for an evaluation: the config's
-    /// sampling, and the bound adapters only when `experts`.
-    pub fn open_assistant_for_eval(&self, data_dir: &Path, model: &str, experts: bool) -> anyhow::Result<Assistant> {
+    /// sampling, and the bound adapters of the operations `experts` names.
+    pub fn open_assistant_for_eval(&self, data_dir: &Path, model: &str, experts: &Experts) -> anyhow::Result<Assistant> {
         let embedder = self.load_embedder()?;
         let store = MemoryStore::open(data_dir, embedder.dimension())?;
         self.assistant_with(embedder, store, model, &[], self.sampling(), experts)
+    }
+
+    /// The profile's adapters, with the bundled experts for `model` provisioned (once,
+    /// unless `adapters.bundled` is off).
+    pub fn adapter_registry(&self, model: &str) -> anyhow::Result<AdapterRegistry> {
+        let registry = AdapterRegistry::open(&self.paths.data_dir)?;
+        if !self.config.adapters.bundled {
+            return Ok(registry);
+        }
+        let installed = registry.provision_bundled(model)?;
+        if !installed.is_empty() {
+            tracing::info!(experts = ?installed, model, "installed the bundled memory experts");
+        }
+        Ok(registry)
     }
 
     /// Everything a conversation needs: the chat model with each memory operation's
@@ -171,12 +221,12 @@ impl Env {
         model: &str,
         generate_adapters: &[String],
         sampling: SamplingParams,
-        use_bindings: bool,
+        experts: &Experts,
     ) -> anyhow::Result<Assistant> {
         // The store is opened first: a data dir locked by another process fails before a
         // model loads.
         // `adapters bind` records bindings in the registry; names in the config win.
-        let mut bound = if use_bindings { AdapterRegistry::open(&self.paths.data_dir)?.bindings()? } else { Default::default() };
+        let mut bound = self.adapter_registry(model)?.bindings()?;
         let configured = &self.config.memory.adapters;
         let operations = [
             ("extract", &configured.extract),
@@ -185,10 +235,16 @@ impl Env {
             ("vision", &configured.vision),
         ];
         for (operation, name) in operations {
-            if use_bindings && !name.is_empty() {
+            if !name.is_empty() {
                 bound.insert(operation.to_owned(), name.clone());
             }
         }
+        bound.retain(|operation, name| {
+            // A bundled expert is bound by default, not by choice: with another model it
+            // would not fit, so that model runs the operation without it.
+            let fits = bundled::EXPERTS.iter().find(|e| e.name == name.as_str()).is_none_or(|e| e.base_model == model);
+            experts.includes(operation) && fits
+        });
         // The vision model's decoder takes its adapter when it loads; the chat model the rest.
         let vision_adapter = bound.remove("vision");
         let mut specs: std::collections::BTreeMap<Operation, Vec<String>> = std::collections::BTreeMap::new();
@@ -292,7 +348,7 @@ impl Env {
 
     /// The profile's adapters and their budget, for the worker's merge jobs.
     pub fn adapter_storage(&self) -> anyhow::Result<memlora::worker::AdapterStorage> {
-        Ok(memlora::worker::AdapterStorage { registry: AdapterRegistry::open(&self.paths.data_dir)?, budget: self.budget() })
+        Ok(memlora::worker::AdapterStorage { registry: self.adapter_registry(&self.config.model)?, budget: self.budget() })
     }
 
     /// The config's sampling settings.
@@ -429,4 +485,21 @@ fn init_logging(data_dir: &Path) -> Option<tracing_appender::non_blocking::Worke
     let filter = tracing_subscriber::EnvFilter::try_from_env("MEMLORA_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_writer(writer).with_ansi(false).with_env_filter(filter).try_init().ok()?;
     Some(guard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Experts;
+
+    #[test]
+    fn experts_are_on_off_or_operations_by_name() {
+        assert_eq!("on".parse(), Ok(Experts::All));
+        assert_eq!("off".parse(), Ok(Experts::Only(Vec::new())));
+        let some: Experts = "extract, update".parse().unwrap();
+        assert!(some.includes("extract") && some.includes("update") && !some.includes("generate"));
+        assert_eq!(
+            "extract,nope".parse::<Experts>(),
+            Err("'nope' is not on, off or an operation (extract, update, generate, vision)".to_owned())
+        );
+    }
 }

@@ -270,6 +270,7 @@ pub fn train(env: &Env, args: TrainArgs) -> anyhow::Result<()> {
         )),
         merged_from: Vec::new(),
         created: memlora::memory::now(),
+        validation: progress.best_val_loss().map(|loss| ("loss".to_owned(), loss)).into_iter().collect(),
     };
     let admission = registry.admit(&args.name, &adapter, &info, env.budget())?;
     let log = TrainingLog {

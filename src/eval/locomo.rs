@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -86,16 +86,17 @@ pub fn read_journal<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(error) => return Err(EvalError::Io { action: "read", path: path.to_owned(), error }),
     };
-    let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>().map_err(|error| EvalError::Io {
-        action: "read",
-        path: path.to_owned(),
-        error,
-    })?;
+    let mut text = String::new();
+    BufReader::new(file).read_to_string(&mut text).map_err(|error| EvalError::Io { action: "read", path: path.to_owned(), error })?;
+    // Only a last line without its newline can be torn; a whole line that does not
+    // parse (damage, or a record of another version) is an error.
+    let torn = !text.is_empty() && !text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
     let mut records = Vec::with_capacity(lines.len());
     for (number, line) in lines.iter().enumerate() {
         match serde_json::from_str(line) {
             Ok(record) => records.push(record),
-            Err(_) if number + 1 == lines.len() => break,
+            Err(_) if torn && number + 1 == lines.len() => break,
             Err(error) => return Err(EvalError::Corrupt { path: path.to_owned(), line: number + 1, reason: error.to_string() }),
         }
     }
@@ -201,8 +202,11 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         let read: Vec<Prediction> = read_journal(&path).unwrap();
         assert_eq!(read.iter().map(|p| p.index).collect::<Vec<_>>(), [0, 1]);
-        // Damage before the last line is an error naming the line, never silently skipped.
+        // Damage before the last line is an error naming the line, never silently skipped;
+        // so is a whole last line that does not parse.
         std::fs::write(&path, format!("garbage\n{}", text)).unwrap();
+        assert!(read_journal::<Prediction>(&path).unwrap_err().to_string().contains("line 1"));
+        std::fs::write(&path, "{\"conversation\": \"c\"}\n").unwrap();
         assert!(read_journal::<Prediction>(&path).unwrap_err().to_string().contains("line 1"));
         assert!(read_journal::<Prediction>(&dir.path().join("missing.jsonl")).unwrap().is_empty());
     }

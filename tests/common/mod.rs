@@ -407,6 +407,9 @@ pub fn memlora_command(data_dir: &Path) -> std::process::Command {
         .arg(data_dir.join("models-cache"))
         .env_remove("MEMLORA_DATA_DIR")
         .env_remove("MEMLORA_MODELS_DIR")
+        // The bundled experts are for the default model; these tests run tiny ones
+        // (tests/experts.rs covers the experts).
+        .env("MEMLORA_ADAPTERS__BUNDLED", "false")
         // No hub here and none wanted in tests: fail fast, never hang.
         .env("HF_HUB_OFFLINE", "1");
     command
