@@ -100,10 +100,7 @@ impl AdapterRegistry {
                 }
             }
             provisioned.insert(expert.name.to_owned());
-            let json = serde_json::to_string_pretty(&provisioned).map_err(|e| io(&record, e))?;
-            let staging = self.dir().join(format!(".{PROVISIONED_FILE}.tmp"));
-            fs::write(&staging, json).map_err(|e| io(&staging, e))?;
-            fs::rename(&staging, &record).map_err(|e| io(&record, e))?;
+            self.write_json(PROVISIONED_FILE, &provisioned)?;
         }
         Ok(installed)
     }

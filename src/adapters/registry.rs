@@ -415,9 +415,14 @@ impl AdapterRegistry {
     }
 
     fn write_bindings(&self, bindings: &BTreeMap<String, String>) -> Result<(), AdapterError> {
-        let path = self.dir.join(BINDINGS_FILE);
-        let staging = self.dir.join(format!(".{BINDINGS_FILE}.tmp"));
-        let json = serde_json::to_string_pretty(bindings).map_err(|e| io(&path, e))?;
+        self.write_json(BINDINGS_FILE, bindings)
+    }
+
+    /// Writes `file` in the adapters directory whole or not at all (a staged rename).
+    pub(super) fn write_json(&self, file: &str, value: &impl Serialize) -> Result<(), AdapterError> {
+        let path = self.dir.join(file);
+        let staging = self.dir.join(format!(".{file}.tmp"));
+        let json = serde_json::to_string_pretty(value).map_err(|e| io(&path, e))?;
         fs::write(&staging, json).map_err(|e| io(&staging, e))?;
         fs::rename(&staging, &path).map_err(|e| io(&path, e))
     }
