@@ -547,7 +547,8 @@ fn a_new_data_dir_gets_the_bundled_experts_bound_once_and_other_models_run_witho
     let f = fresh.path();
     list(f);
     let model = TinyModel::random(TinySpec::llama(), 21).write_gguf(&f.join("tiny.gguf"), GgmlDType::Q8_0);
-    let out = memlora_with(f, &bundled, &["ask", "--json", "--no-remember", "--model", model.to_str().unwrap(), "--max-tokens", "4", "the cat"]);
+    let out =
+        memlora_with(f, &bundled, &["ask", "--json", "--no-remember", "--model", model.to_str().unwrap(), "--max-tokens", "4", "the cat"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["adapters"].as_object().map(|a| a.len()), Some(0), "{answer}");

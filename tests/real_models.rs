@@ -117,9 +117,12 @@ fn default_model_with_experts(files: &ModelFiles) -> (ChatModel, BTreeMap<String
 /// What the model writes after the prompt's response prefix, greedy, as the pipeline
 /// asks for JSON.
 fn complete_json(model: &mut ChatModel, prompt: &RenderedPrompt, adapter: &str) -> serde_json::Value {
-    let sampling = SamplingParams { max_tokens: prompt.max_tokens.unwrap_or(160), temperature: 0.0, top_p: 1.0, seed: 7, repeat_penalty: 1.0 };
+    let sampling =
+        SamplingParams { max_tokens: prompt.max_tokens.unwrap_or(160), temperature: 0.0, top_p: 1.0, seed: 7, repeat_penalty: 1.0 };
     let generation = model
-        .continue_answer(&prompt.messages, &prompt.response_prefix, &sampling, &[(adapter.to_owned(), 1.0)], &mut |_| ControlFlow::Continue(()))
+        .continue_answer(&prompt.messages, &prompt.response_prefix, &sampling, &[(adapter.to_owned(), 1.0)], &mut |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap();
     let text = format!("{}{}", prompt.response_prefix, generation.text);
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{adapter} wrote invalid JSON ({e}): {text}"))

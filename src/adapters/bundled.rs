@@ -1,7 +1,7 @@
 //! The memory experts that ship inside the binary: LoRA adapters trained for the default
 //! model (`assets/experts/NAME`, see the README's "Memory quality"), one per memory
-//! operation. A data dir gets each of them once: installed, and (those bound by
-//! default) bound to its operation unless the user bound something else first. An expert
+//! operation. A data dir gets each of them once: installed, and bound to its operation
+//! unless the user bound something else first. An expert
 //! the user later removes or unbinds stays so: `bundled.json` remembers what was
 //! provisioned.
 
@@ -20,20 +20,16 @@ pub struct BundledExpert {
     pub name: &'static str,
     /// The catalog name of the model it was trained for.
     pub base_model: &'static str,
-    /// Bound to its operation when provisioned; otherwise only installed, for the user
-    /// to bind.
-    pub bind: bool,
     config: &'static [u8],
     weights: &'static [u8],
     info: &'static [u8],
 }
 
 macro_rules! expert {
-    ($name:literal, $base:literal, bind: $bind:literal) => {
+    ($name:literal, $base:literal) => {
         BundledExpert {
             name: $name,
             base_model: $base,
-            bind: $bind,
             config: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/experts/", $name, "/adapter_config.json")),
             weights: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/experts/", $name, "/adapter_model.safetensors")),
             info: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/experts/", $name, "/memlora.json")),
@@ -42,11 +38,9 @@ macro_rules! expert {
 }
 
 pub const EXPERTS: &[BundledExpert] = &[
-    expert!("smollm2-135m-extract", "smollm2-135m-instruct", bind: true),
-    expert!("smollm2-135m-generate", "smollm2-135m-instruct", bind: true),
-    // Not bound: it rewrites memories the new fact does not concern (README, "Memory
-    // quality"); the base model's unusable decisions add the fact instead, losing nothing.
-    expert!("smollm2-135m-update", "smollm2-135m-instruct", bind: false),
+    expert!("smollm2-135m-extract", "smollm2-135m-instruct"),
+    expert!("smollm2-135m-generate", "smollm2-135m-instruct"),
+    expert!("smollm2-135m-update", "smollm2-135m-instruct"),
 ];
 
 impl BundledExpert {
@@ -61,8 +55,10 @@ impl BundledExpert {
                 fs::write(scratch.join(file), bytes).map_err(|e| io(&scratch.join(file), e))?;
             }
             let adapter = LoraAdapter::load(&scratch)?;
-            let info: AdapterInfo = serde_json::from_slice(self.info)
-                .map_err(|e| AdapterError::Invalid { path: scratch.join(INFO_FILE), message: format!("invalid bundled adapter info: {e}") })?;
+            let info: AdapterInfo = serde_json::from_slice(self.info).map_err(|e| AdapterError::Invalid {
+                path: scratch.join(INFO_FILE),
+                message: format!("invalid bundled adapter info: {e}"),
+            })?;
             Ok((adapter, info))
         })();
         let _ = fs::remove_dir_all(&scratch);
@@ -72,8 +68,7 @@ impl BundledExpert {
 
 impl AdapterRegistry {
     /// Installs the bundled experts made for `model` that this data dir has not had yet,
-    /// binding each that is bound by default to its operation when nothing serves that
-    /// operation. Returns the names installed.
+    /// binding each to its operation when nothing serves that operation. Returns the names installed.
     pub fn provision_bundled(&self, model: &str) -> Result<Vec<String>, AdapterError> {
         let record = self.dir().join(PROVISIONED_FILE);
         let mut provisioned: BTreeSet<String> = match fs::read_to_string(&record) {
@@ -94,7 +89,7 @@ impl AdapterRegistry {
                 self.install(expert.name, &adapter, &info)?;
                 installed.push(expert.name.to_owned());
             }
-            if let Some(operation) = info.operation.as_ref().filter(|_| expert.bind) {
+            if let Some(operation) = info.operation.as_ref() {
                 if !self.bindings()?.contains_key(operation) {
                     self.bind(operation, Some(expert.name))?;
                 }
@@ -136,7 +131,7 @@ mod tests {
         for expert in EXPERTS {
             let operation = registry.get(expert.name).unwrap().info.operation.unwrap();
             let bound = bindings.get(&operation).map(String::as_str);
-            assert_eq!(bound, expert.bind.then_some(expert.name), "{operation}");
+            assert_eq!(bound, Some(expert.name), "{operation}");
         }
         // Removed by the user: not installed again.
         let first = EXPERTS[0].name;
@@ -149,7 +144,7 @@ mod tests {
     fn an_operation_the_user_bound_keeps_its_adapter() {
         let dir = tempfile::tempdir().unwrap();
         let registry = AdapterRegistry::open(dir.path()).unwrap();
-        let expert = EXPERTS.iter().find(|e| e.bind).unwrap();
+        let expert = &EXPERTS[0];
         let (adapter, info) = expert.load(registry.dir()).unwrap();
         let operation = info.operation.clone().unwrap();
         registry.install("mine", &adapter, &AdapterInfo::default()).unwrap();

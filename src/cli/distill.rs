@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use memlora::distill::{self, label, teacher::Teacher, Distilled, Distiller, Sampling, Split, TokenStats};
-use memlora::memory::pipeline::Operation;
+use memlora::memory::pipeline::{Operation, UPDATE_KEEPS};
 use memlora::transcript;
 use serde_json::json;
 
@@ -152,7 +152,7 @@ pub fn run(env: &Env, command: DistillCommand) -> anyhow::Result<()> {
             "duplicate_cosine_f1": label::DUPLICATE_COSINE_F1,
             "same_topic_cosine": label::SAME_TOPIC_COSINE,
             "same_topic_f1": label::SAME_TOPIC_F1,
-            "update_coverage": label::UPDATE_COVERAGE,
+            "update_coverage": UPDATE_KEEPS,
             "ended_cues": label::ENDED_CUES,
             "empty_window_share": distill::EMPTY_WINDOW_SHARE,
         },

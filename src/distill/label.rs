@@ -10,11 +10,13 @@
 //!   …; [`ENDED_CUES`]) and that memory does not. Rare by design: annotated observations
 //!   seldom retract anything.
 //! - **UPDATE** of the closest memory on the same topic whose words the fact mostly keeps
-//!   (at least [`UPDATE_COVERAGE`] of them): the fact restates it with something added or
-//!   changed, so the fact replaces it without losing what it said.
+//!   (at least [`UPDATE_KEEPS`] of them, what the pipeline asks of any UPDATE): the fact
+//!   restates it with something added or changed, so it replaces it without losing what
+//!   it said.
 //! - **ADD** otherwise: a fact that would drop what a memory says is kept beside it.
 
 use crate::eval::metrics::{f1_score, stemmed_tokens};
+use crate::memory::pipeline::UPDATE_KEEPS;
 
 /// Token F1 from which a memory says the same as the fact.
 pub const DUPLICATE_F1: f64 = 0.8;
@@ -26,8 +28,6 @@ pub const DUPLICATE_COSINE_F1: f64 = 0.5;
 pub const SAME_TOPIC_COSINE: f32 = 0.65;
 /// … when they also share this much wording.
 pub const SAME_TOPIC_F1: f64 = 0.35;
-/// Share of an old memory's words a fact must keep to replace it.
-pub const UPDATE_COVERAGE: f64 = 0.5;
 /// Words that say something has ended, which makes a same-topic memory a DELETE.
 pub const ENDED_CUES: [&str; 7] = ["no longer", "not anymore", "any more", "anymore", "stopped", "quit", "gave up"];
 
@@ -100,7 +100,7 @@ pub fn label(fact: &str, subject: Option<&str>, shown: &[Shown<'_>]) -> Label {
             return Label::Delete(index);
         }
     }
-    match closest(&|m| m.coverage >= UPDATE_COVERAGE) {
+    match closest(&|m| m.coverage >= UPDATE_KEEPS) {
         Some(index) => Label::Update(index),
         None => Label::Add,
     }

@@ -316,6 +316,15 @@ pub fn f1_score(prediction: &str, ground_truth: &str) -> f64 {
     (2.0 * precision * recall) / (precision + recall)
 }
 
+/// The share of `of`'s stemmed normalized tokens that `text` also has (0 when `of` has none).
+pub fn kept_share(text: &str, of: &str) -> f64 {
+    let kept = stemmed_tokens(of);
+    if kept.is_empty() {
+        return 0.0;
+    }
+    common_count(&stemmed_tokens(text), &kept) as f64 / kept.len() as f64
+}
+
 /// LoCoMo's `f1` (category 1): both sides split on `,` and stripped; mean over the truth parts
 /// of the best [`f1_score`] against any prediction part. A part that normalizes to nothing
 /// (e.g. from a trailing comma, or a part that is just "the") scores 0 and still counts.
@@ -1087,6 +1096,17 @@ mod tests {
         assert_eq!(f1_score("", ""), 0.0);
         assert_eq!(f1_score("the", "a"), 0.0);
         assert_eq!(f1_score("dog", "cat"), 0.0);
+    }
+
+    #[test]
+    fn kept_share_counts_the_words_of_the_second_text_that_the_first_keeps() {
+        // "lives" and "live" stem alike; Lisbon is dropped: 3 of 4.
+        assert_eq!(kept_share("Maya lives in Porto.", "Maya live in Lisbon"), 0.75);
+        // Only "maya" of maya / has / cat / named / miso ("a" is dropped).
+        assert_eq!(kept_share("Maya moved to York.", "Maya has a cat named Miso."), 0.2);
+        // A repeated word counts as often as the first text has it.
+        assert_eq!(kept_share("tom", "Tom and Tom"), 0.5);
+        assert_eq!(kept_share("anything", "the"), 0.0);
     }
 
     #[test]

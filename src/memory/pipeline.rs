@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::engine::Generation;
+use crate::eval::metrics::kept_share;
 
 use super::parse::{self, Event, ParseError, ProposedOp};
 use super::prompts::{PromptError, Prompts, RenderedPrompt};
@@ -155,6 +156,12 @@ pub struct AppliedChange {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_text: Option<String>,
 }
+
+/// The share of an old memory's words (stemmed, as LoCoMo's token F1 counts them) that an
+/// UPDATE's new text must keep. A rewrite that keeps less says something else: it would
+/// lose the memory, so its text is added beside the memory instead. distill labels UPDATE
+/// by the same rule, so the update expert is only taught rewrites that pass it.
+pub const UPDATE_KEEPS: f64 = 0.5;
 
 /// What remembering one exchange did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -448,6 +455,10 @@ pub fn same_text(a: &str, b: &str) -> bool {
     normal(a) == normal(b)
 }
 
+fn already_changed(id: MemoryId) -> String {
+    format!("memory {id} was already changed by an earlier decision of this exchange")
+}
+
 /// The validated decisions of one exchange, in order.
 #[derive(Default)]
 struct Plan {
@@ -502,6 +513,17 @@ impl Plan {
                     report.unchanged += 1;
                     return Ok(());
                 }
+                if self.touched.contains(&old.memory.id) {
+                    return Err(already_changed(old.memory.id));
+                }
+                if kept_share(&text, &old.memory.text) < UPDATE_KEEPS {
+                    report.skipped.push(format!(
+                        "update: UPDATE of memory {} would drop most of {:?}; {:?} added beside it",
+                        old.memory.id, old.memory.text, text
+                    ));
+                    self.add(text, None, report);
+                    return Ok(());
+                }
                 self.touch(old.memory.id)?;
                 self.decisions.push(Decision::Update { id: old.memory.id, text, old_text: old.memory.text.clone() });
                 Ok(())
@@ -519,7 +541,7 @@ impl Plan {
         if self.touched.insert(id) {
             Ok(())
         } else {
-            Err(format!("memory {id} was already changed by an earlier decision of this exchange"))
+            Err(already_changed(id))
         }
     }
 

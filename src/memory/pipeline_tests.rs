@@ -163,6 +163,22 @@ fn update_decisions_map_shown_ids_back_to_memories() {
 }
 
 #[test]
+fn an_update_that_would_drop_what_a_memory_says_adds_its_text_beside_it() {
+    let (_dir, mut store) = with_lisbon_and_cat();
+    // A small model's UPDATE of the wrong memory: the cat memory rewritten into the move.
+    let mut model = ScriptedModel::new(|operation, prompt| match operation {
+        Operation::Extract => r#"Maya moved to York."]}"#.into(),
+        _ => format!(r#"{}", "text": "Maya moved to York.", "event": "UPDATE"}}]}}"#, shown_id(prompt, "cat")),
+    });
+    let report = pipeline()
+        .remember(&exchange("Maya", "I moved to York.", "2 May 2023"), &mut store, &mut model, &mut BagOfWords { fail: false })
+        .unwrap();
+    assert_eq!(report.changes.iter().map(|c| (c.kind, c.text.as_str())).collect::<Vec<_>>(), [(OpKind::Add, "Maya moved to York.")]);
+    assert!(report.skipped.iter().any(|s| s.contains("would drop most of \"Maya has a cat named Miso.\"")), "{:?}", report.skipped);
+    assert_eq!(texts(&store), ["Maya lives in Lisbon.", "Maya has a cat named Miso.", "Maya moved to York."]);
+}
+
+#[test]
 fn invalid_decisions_are_skipped_and_valid_ones_applied() {
     let (_dir, mut store) = with_lisbon_and_cat();
     let mut model = ScriptedModel::new(|operation, prompt| match operation {

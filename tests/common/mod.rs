@@ -408,7 +408,7 @@ pub fn memlora_command(data_dir: &Path) -> std::process::Command {
         .env_remove("MEMLORA_DATA_DIR")
         .env_remove("MEMLORA_MODELS_DIR")
         // The bundled experts are for the default model; these tests run tiny ones
-        // (tests/experts.rs covers the experts).
+        // (tests/real_models.rs and tests/memory.rs run the experts).
         .env("MEMLORA_ADAPTERS__BUNDLED", "false")
         // No hub here and none wanted in tests: fail fast, never hang.
         .env("HF_HUB_OFFLINE", "1");
