@@ -86,8 +86,10 @@ impl LanguageModel for EngineModel<'_> {
             messages.retain(|message| message.role != Role::System);
             messages.insert(0, ChatMessage::new(Role::System, system));
         }
-        let generation =
-            self.chat.continue_answer(&messages, &prompt.response_prefix, &sampling, adapters, on_text).map_err(|error| match error {
+        let generation = self
+            .chat
+            .continue_constrained(&messages, &prompt.response_prefix, &sampling, adapters, prompt.constraint.as_ref(), on_text)
+            .map_err(|error| match error {
                 EngineError::PromptTooLong { .. } => PipelineError::TooLong { operation, message: error.to_string() },
                 _ => PipelineError::Model { operation, message: error.to_string() },
             })?;

@@ -65,6 +65,7 @@ pub struct MemoryConfig {
     pub answer_memories: usize,
     pub update_candidates: usize,
     pub undecided_facts: crate::memory::pipeline::UndecidedFacts,
+    pub constrained: bool,
     pub extract_window: usize,
     pub user_name: String,
     pub prompts: String,

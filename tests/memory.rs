@@ -177,3 +177,93 @@ fn ingest_killed_at_random_points_keeps_every_acknowledged_change() {
     rebuilt.verify().unwrap();
     assert_eq!((search_all(&rebuilt), rebuilt.list(&MemoryFilter::default())), (before, listed));
 }
+
+/// Each line through batch mode on one fresh data dir (answers cut to one token: only
+/// what is remembered is under test); the changes each line made.
+fn remembered_per_line(models: &Path, lines: &[&str]) -> Vec<Vec<String>> {
+    let dir = tempfile::tempdir().unwrap();
+    let requests: String = lines.iter().map(|text| serde_json::json!({"type": "ask", "text": text}).to_string() + "\n").collect();
+    let mut child = memlora_command(dir.path(), models, &["batch"])
+        .env("MEMLORA_GENERATION__MAX_TOKENS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run memlora batch");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, requests.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success());
+    let responses: Vec<Value> =
+        out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+    assert_eq!(responses.len(), lines.len());
+    responses
+        .iter()
+        .map(|response| {
+            assert_eq!(response["ok"], true, "{response}");
+            response["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["kind"] != "delete")
+                .map(|c| c["text"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+fn corpus(name: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(name);
+    std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(str::to_owned).collect()
+}
+
+/// The prompt's example fact, which a small model copies when it has nothing to say.
+fn is_the_prompts_example(text: &str) -> bool {
+    text.contains("Sam") && text.contains("Rex")
+}
+
+#[test]
+fn questions_and_small_talk_store_almost_nothing() {
+    let Some(models) = common::real_models() else { return };
+    let lines = corpus("small-talk.txt");
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let stored: Vec<(&str, Vec<String>)> =
+        refs.iter().copied().zip(remembered_per_line(&models, &refs)).filter(|(_, c)| !c.is_empty()).collect();
+    assert!(stored.iter().all(|(_, changes)| changes.iter().all(|t| !is_the_prompts_example(t))), "{stored:?}");
+    // At most 2 % of the messages may leave a memory.
+    assert!(stored.len() * 50 <= lines.len(), "{} of {} messages stored a memory: {stored:?}", stored.len(), lines.len());
+}
+
+#[test]
+#[ignore = "the 90 % goal is not met yet by the first experts (58 of 70 on the last run): run with --ignored"]
+fn plain_statements_are_remembered_with_their_key_entity() {
+    let Some(models) = common::real_models() else { return };
+    let cases: Vec<(String, String)> =
+        corpus("statements.txt").iter().map(|l| l.split_once('\t').map(|(s, k)| (s.to_owned(), k.to_owned())).unwrap()).collect();
+    let statements: Vec<&str> = cases.iter().map(|(s, _)| s.as_str()).collect();
+    let changes = remembered_per_line(&models, &statements);
+    let missed: Vec<(&str, &Vec<String>)> = cases
+        .iter()
+        .zip(&changes)
+        .filter(|((_, key), changes)| !changes.iter().any(|t| t.to_lowercase().contains(&key.to_lowercase())))
+        .map(|((statement, _), changes)| (statement.as_str(), changes))
+        .collect();
+    assert!(changes.iter().flatten().all(|t| !is_the_prompts_example(t)));
+    // At least 90 % remembered, naming what they are about.
+    assert!(missed.len() * 10 <= cases.len(), "{} of {} statements missed: {missed:?}", missed.len(), cases.len());
+}
+
+#[test]
+fn a_question_after_a_fact_adds_no_memory() {
+    let Some(models) = common::real_models() else { return };
+    let changes = remembered_per_line(
+        &models,
+        &[
+            "I just adopted a beagle named Biscuit, and I work as a nurse in Leeds.",
+            "What is my dog's name and where do I work?",
+            "Where do I work?",
+        ],
+    );
+    assert!(changes[0].iter().any(|t| t.contains("Biscuit")), "{changes:?}");
+    assert!(changes[1].is_empty() && changes[2].is_empty(), "{changes:?}");
+}

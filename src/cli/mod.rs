@@ -284,6 +284,7 @@ impl Env {
             answer_memories: memory.answer_memories,
             update_candidates: memory.update_candidates,
             undecided_facts: memory.undecided_facts,
+            constrained: memory.constrained,
         };
         Ok(MemoryPipeline::new(prompts, settings))
     }

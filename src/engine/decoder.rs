@@ -104,6 +104,12 @@ impl Layer {
     }
 }
 
+/// The cached keys and values of a prompt's first positions, per layer.
+pub(crate) struct KvSnapshot {
+    len: usize,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
 /// Keys and values of one layer: `(1, kv_heads, capacity, head_dim)` buffers,
 /// the first `len` positions valid.
 struct LayerCache {
@@ -208,6 +214,33 @@ impl Decoder {
     /// the buffers are kept for the next request.
     pub fn truncate_cache(&mut self, len: usize) {
         self.cache_len = self.cache_len.min(len);
+    }
+
+    /// A copy of the keys and values of the first `len` cached positions.
+    pub(crate) fn snapshot(&self, len: usize) -> Result<KvSnapshot> {
+        let len = len.min(self.cache_len);
+        let owned = |t: &Tensor| -> Result<Tensor> {
+            let part = t.narrow(2, 0, len)?;
+            // A contiguous view still shares the cache's buffer, which later writes change.
+            Ok(if part.is_contiguous() { part.copy()? } else { part.contiguous()? })
+        };
+        let layers = self.cache.iter().map(|c| Ok((owned(&c.k)?, owned(&c.v)?))).collect::<Result<Vec<_>>>()?;
+        Ok(KvSnapshot { len, layers })
+    }
+
+    /// Makes the cache hold exactly `snapshot`'s positions.
+    pub(crate) fn restore(&mut self, snapshot: &KvSnapshot) -> Result<()> {
+        self.cache_len = 0;
+        if snapshot.len == 0 {
+            return Ok(());
+        }
+        self.reserve(snapshot.len)?;
+        for (cache, (k, v)) in self.cache.iter().zip(&snapshot.layers) {
+            cache.k.slice_set(k, 2, 0)?;
+            cache.v.slice_set(v, 2, 0)?;
+        }
+        self.cache_len = snapshot.len;
+        Ok(())
     }
 
     pub(crate) fn linear(&self, layer: usize, module: TargetModule) -> &LoraLinear {

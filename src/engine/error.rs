@@ -26,6 +26,8 @@ pub enum EngineError {
     Splice(String),
     #[error("image: {0}")]
     Image(String),
+    #[error("constrained decoding: {0}")]
+    Constraint(String),
     #[error("model computation failed: {}", first_line(.0))]
     Compute(#[from] candle_core::Error),
 }

@@ -3,6 +3,7 @@
 
 mod attention;
 mod chat;
+mod constraint;
 mod decoder;
 mod embedder;
 mod error;
@@ -22,6 +23,7 @@ use candle_transformers::generation::LogitsProcessor;
 use serde::Serialize;
 
 pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use constraint::OutputConstraint;
 pub(crate) use decoder::rotary_tables;
 pub use decoder::{Decoder, Splice, TargetModule};
 pub use embedder::{cosine, Embedder};
@@ -31,6 +33,8 @@ pub use tokenizer::{TextTokenizer, TokenTextStream};
 pub use weights::{Architecture, Checkpoint, DecoderConfig, RopeLayout, WeightFormat};
 
 use crate::adapters::LoraAdapter;
+use constraint::Grammars;
+use decoder::KvSnapshot;
 use lora::LoraFactors;
 
 /// How to load a chat model.
@@ -141,7 +145,25 @@ pub struct ChatModel {
     /// adapters that produced them.
     cached_tokens: Vec<u32>,
     cached_adapters: Vec<(SlotId, f32)>,
+    /// Keys and values of recent prompts' system parts, per adapter set: the memory
+    /// operations alternate between adapters, each of which changes the cache, and
+    /// their system prompts never change.
+    prefixes: Vec<CachedPrefix>,
+    /// Built on the first constrained request.
+    grammars: Option<Grammars>,
 }
+
+/// The cached system part of a prompt, computed with `adapters`.
+struct CachedPrefix {
+    tokens: Vec<u32>,
+    adapters: Vec<(SlotId, f32)>,
+    kv: KvSnapshot,
+}
+
+/// System parts kept: one per memory operation and the answers, with room to spare.
+const PREFIXES_KEPT: usize = 8;
+/// A system part shorter than this is not worth a copy of its keys and values.
+const PREFIX_MIN_TOKENS: usize = 16;
 
 impl ChatModel {
     /// Loads a GGUF file or a safetensors directory.
@@ -181,7 +203,18 @@ impl ChatModel {
         };
         let mut aliases = options.aliases.clone();
         aliases.extend(path.file_stem().map(|s| s.to_string_lossy().to_string()));
-        Ok(Self { decoder, tokenizer, template, slots: Vec::new(), aliases, info, cached_tokens: Vec::new(), cached_adapters: Vec::new() })
+        Ok(Self {
+            decoder,
+            tokenizer,
+            template,
+            slots: Vec::new(),
+            aliases,
+            info,
+            cached_tokens: Vec::new(),
+            cached_adapters: Vec::new(),
+            prefixes: Vec::new(),
+            grammars: None,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -288,6 +321,8 @@ impl ChatModel {
         }
         self.slots[slot] = None;
         self.reset_cache();
+        // The base weights changed: no cached keys or values are theirs any more.
+        self.prefixes.clear();
         Ok(())
     }
 
@@ -323,6 +358,7 @@ impl ChatModel {
         if self.cached_adapters.iter().any(|(s, _)| *s == slot) {
             self.reset_cache();
         }
+        self.prefixes.retain(|prefix| prefix.adapters.iter().all(|(s, _)| *s != slot));
     }
 
     /// Logits for every position of `tokens` from an empty cache; for tests
@@ -340,24 +376,50 @@ impl ChatModel {
     /// step-by-step decoding).
     pub fn next_token_logits(&mut self, tokens: &[u32], adapters: &[(String, f32)]) -> Result<Tensor> {
         let active = self.active_adapters(adapters)?;
-        Ok(self.run_prompt(tokens, &active)?.0)
+        Ok(self.run_prompt(tokens, &active, 0)?.0)
     }
 
-    /// Runs `prompt` after the longest prefix of it already in the cache
-    /// (computed with the same adapters; the last token is always recomputed)
-    /// and returns the last logits and how many tokens were reused.
-    fn run_prompt(&mut self, prompt: &[u32], active: &[(SlotId, f32)]) -> Result<(Tensor, usize)> {
+    /// Runs `prompt` after the longest prefix of it already computed with the same
+    /// adapters — in the cache, or a kept system part — (the last token is always
+    /// recomputed) and returns the last logits and how many tokens were reused. The first
+    /// `fixed` tokens (a system part that later prompts repeat) are kept for them.
+    fn run_prompt(&mut self, prompt: &[u32], active: &[(SlotId, f32)], fixed: usize) -> Result<(Tensor, usize)> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let reusable =
+        let live =
             if active == self.cached_adapters.as_slice() { common_prefix(&self.cached_tokens, prompt).min(prompt.len() - 1) } else { 0 };
-        self.decoder.truncate_cache(reusable);
-        self.cached_tokens.truncate(reusable);
+        let kept = self
+            .prefixes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.adapters == active && p.tokens.len() < prompt.len() && prompt.starts_with(&p.tokens))
+            .max_by_key(|(_, p)| p.tokens.len())
+            .map(|(index, p)| (index, p.tokens.len()))
+            .filter(|&(_, len)| len > live);
+        let reusable = match kept {
+            Some((index, len)) => {
+                let prefix = self.prefixes.remove(index);
+                if let Err(e) = self.decoder.restore(&prefix.kv) {
+                    self.reset_cache();
+                    return Err(e);
+                }
+                self.cached_tokens.clone_from(&prefix.tokens);
+                // Most recently used last: the first is the one to drop.
+                self.prefixes.push(prefix);
+                len
+            }
+            None => {
+                self.decoder.truncate_cache(live);
+                self.cached_tokens.truncate(live);
+                live
+            }
+        };
         self.cached_adapters = active.to_vec();
         match self.decoder.forward_last(&prompt[reusable..], active) {
             Ok(logits) => {
                 self.cached_tokens.extend_from_slice(&prompt[reusable..]);
+                self.keep_prefix(&prompt[..fixed.min(prompt.len())], active)?;
                 Ok((logits, reusable))
             }
             Err(e) => {
@@ -365,6 +427,30 @@ impl ChatModel {
                 Err(e)
             }
         }
+    }
+
+    /// Keeps the cached keys and values of `tokens` (the cache's first positions) for
+    /// later prompts that start with them, unless they are already kept or too short.
+    fn keep_prefix(&mut self, tokens: &[u32], active: &[(SlotId, f32)]) -> Result<()> {
+        if tokens.len() < PREFIX_MIN_TOKENS || self.prefixes.iter().any(|p| p.adapters == active && p.tokens == tokens) {
+            return Ok(());
+        }
+        let kv = self.decoder.snapshot(tokens.len())?;
+        if self.prefixes.len() >= PREFIXES_KEPT {
+            self.prefixes.remove(0);
+        }
+        self.prefixes.push(CachedPrefix { tokens: tokens.to_vec(), adapters: active.to_vec(), kv });
+        Ok(())
+    }
+
+    /// How many of `prompt`'s tokens are its system message's, as rendered on its own
+    /// (0 when there is none, or when the template renders it differently alone).
+    fn system_part(&self, messages: &[ChatMessage], prompt: &[u32]) -> usize {
+        let Some(system) = messages.first().filter(|m| m.role == Role::System) else { return 0 };
+        let Ok(text) = self.template.render_with(std::slice::from_ref(system), false) else { return 0 };
+        let Ok(tokens) = self.tokenizer.encode(&text) else { return 0 };
+        // The last token may merge with what follows in the whole prompt.
+        common_prefix(&tokens, prompt).min(tokens.len().saturating_sub(1))
     }
 
     /// Renders `messages` with the chat template, followed by `response_prefix`
@@ -428,14 +514,54 @@ impl ChatModel {
         adapters: &[(String, f32)],
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
+        self.continue_constrained(messages, response_prefix, sampling, adapters, None, on_text)
+    }
+
+    /// Like [`ChatModel::continue_answer`], with the answer — `response_prefix` and what
+    /// follows it — held to `constraint`: at each step only tokens that can continue a
+    /// valid output are sampled, text the constraint forces is run in one pass, and
+    /// generation ends as soon as the output is complete.
+    pub fn continue_constrained(
+        &mut self,
+        messages: &[ChatMessage],
+        response_prefix: &str,
+        sampling: &SamplingParams,
+        adapters: &[(String, f32)],
+        constraint: Option<&OutputConstraint>,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
         let active = self.active_adapters(adapters)?;
+        let matcher = match constraint {
+            Some(constraint) => Some(self.matcher_after(constraint, response_prefix)?),
+            None => None,
+        };
         // Keep room for the answer, but never more than half the context.
         let reserve = sampling.max_tokens.min(self.decoder.context() / 2);
         let (prompt, dropped_messages) = self.prompt_tokens(messages, response_prefix, reserve)?;
+        let fixed = self.system_part(messages, &prompt);
         let started = Instant::now();
-        let (logits, reusable) = self.run_prompt(&prompt, &active)?;
+        let (logits, reusable) = self.run_prompt(&prompt, &active, fixed)?;
         let prefilled = Prefilled { prompt_tokens: prompt.len(), reused_prompt_tokens: reusable, dropped_messages, started };
-        self.decode(logits, prefilled, sampling, &active, on_text)
+        self.decode(logits, prefilled, sampling, &active, matcher, on_text)
+    }
+
+    /// A matcher for `constraint` that has read `prefix`, the answer's given start.
+    fn matcher_after(&mut self, constraint: &OutputConstraint, prefix: &str) -> Result<llguidance::Matcher> {
+        if self.grammars.is_none() {
+            self.grammars = Some(Grammars::new(&self.tokenizer, self.decoder.config().vocab_size)?);
+        }
+        let grammars = self.grammars.as_mut().expect("built above");
+        let mut matcher = grammars.matcher(constraint)?;
+        if !prefix.is_empty() {
+            let tokens = self.tokenizer.encode(prefix)?;
+            matcher.consume_tokens(&tokens).map_err(|e| {
+                EngineError::Constraint(format!(
+                    "the answer's start {prefix:?} does not fit the constraint: {}",
+                    constraint::first_line(&e)
+                ))
+            })?;
+        }
+        Ok(matcher)
     }
 
     /// Answers `prompt` (tokens of a rendered conversation) whose `splice.token`s are
@@ -468,7 +594,7 @@ impl ChatModel {
         // reuse them as if they were that token.
         self.cached_tokens = prompt.iter().map(|&t| if t == splice.token { NOT_A_TOKEN } else { t }).collect();
         let prefilled = Prefilled { prompt_tokens: prompt.len(), reused_prompt_tokens: 0, dropped_messages: 0, started };
-        self.decode(logits, prefilled, sampling, &active, on_text)
+        self.decode(logits, prefilled, sampling, &active, None, on_text)
     }
 
     /// The logits after `prompt` with `splice` (scoring, tests); nothing is cached.
@@ -480,13 +606,15 @@ impl ChatModel {
         logits
     }
 
-    /// Samples the answer from the logits after the prompt.
+    /// Samples the answer from the logits after the prompt, within `matcher`'s grammar
+    /// when there is one.
     fn decode(
         &mut self,
         logits: Tensor,
         prefilled: Prefilled,
         sampling: &SamplingParams,
         active: &[(SlotId, f32)],
+        mut matcher: Option<llguidance::Matcher>,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let Prefilled { prompt_tokens, reused_prompt_tokens, dropped_messages, started } = prefilled;
@@ -503,39 +631,61 @@ impl ChatModel {
         let mut time_to_first_token_seconds = 0.0;
         let mut decode_started = Instant::now();
         let mut answer: Vec<u32> = Vec::new();
-        let mut sample = |logits: &Tensor, answer: &[u32]| -> Result<u32> {
+        let mut sample = |logits: &Tensor, answer: &[u32], matcher: Option<&mut llguidance::Matcher>| -> Result<u32> {
+            let logits = match matcher {
+                Some(matcher) => masked(logits, matcher)?,
+                None => logits.clone(),
+            };
             if sampling.repeat_penalty == 1.0 || answer.is_empty() {
-                return Ok(sampler.sample(logits)?);
+                return Ok(sampler.sample(&logits)?);
             }
             let recent = &answer[answer.len().saturating_sub(REPEAT_WINDOW)..];
-            Ok(sampler.sample(&candle_transformers::utils::apply_repeat_penalty(logits, sampling.repeat_penalty, recent)?)?)
+            Ok(sampler.sample(&candle_transformers::utils::apply_repeat_penalty(&logits, sampling.repeat_penalty, recent)?)?)
         };
-        let mut next = sample(&logits, &answer)?;
-        let stop_reason = loop {
+        let mut next = sample(&logits, &answer, matcher.as_mut())?;
+        let stop_reason = 'decoding: loop {
             if self.tokenizer.is_stop(next) {
                 break StopReason::EndOfTurn;
             }
-            completion_tokens += 1;
-            answer.push(next);
-            if completion_tokens == 1 {
-                time_to_first_token_seconds = started.elapsed().as_secs_f64();
-                decode_started = Instant::now();
-            }
-            if let Some(piece) = stream.push(next)? {
-                text.push_str(&piece);
-                if on_text(&piece).is_break() {
-                    break StopReason::Cancelled;
+            // The sampled token, then whatever the constraint forces after it: all of
+            // them go through the model in one pass.
+            let mut step = vec![next];
+            let mut complete = false;
+            if let Some(matcher) = matcher.as_mut() {
+                matcher.consume_token(next).map_err(|e| EngineError::Constraint(constraint::first_line(&e)))?;
+                complete = matcher.is_stopped();
+                if !complete {
+                    step.extend(matcher.consume_ff_tokens());
+                    complete = matcher.is_stopped();
                 }
+            }
+            for &token in &step {
+                completion_tokens += 1;
+                answer.push(token);
+                if completion_tokens == 1 {
+                    time_to_first_token_seconds = started.elapsed().as_secs_f64();
+                    decode_started = Instant::now();
+                }
+                if let Some(piece) = stream.push(token)? {
+                    text.push_str(&piece);
+                    if on_text(&piece).is_break() {
+                        break 'decoding StopReason::Cancelled;
+                    }
+                }
+            }
+            // A complete constrained output needs nothing more from the model.
+            if complete {
+                break StopReason::EndOfTurn;
             }
             if completion_tokens >= sampling.max_tokens {
                 break StopReason::MaxTokens;
             }
-            if self.decoder.cached_tokens() >= self.decoder.context() {
+            if self.decoder.cached_tokens() + step.len() > self.decoder.context() {
                 break StopReason::ContextFull;
             }
-            let logits = self.decoder.forward_last(&[next], active)?;
-            self.cached_tokens.push(next);
-            next = sample(&logits, &answer)?;
+            let logits = self.decoder.forward_last(&step, active)?;
+            self.cached_tokens.extend_from_slice(&step);
+            next = sample(&logits, &answer, matcher.as_mut())?;
         };
         if let Some(piece) = stream.finish()? {
             text.push_str(&piece);
@@ -553,6 +703,21 @@ impl ChatModel {
             decode_seconds: if completion_tokens > 1 { decode_started.elapsed().as_secs_f64() } else { 0.0 },
         })
     }
+}
+
+/// `logits` with every token the grammar does not allow next set to −∞.
+fn masked(logits: &Tensor, matcher: &mut llguidance::Matcher) -> Result<Tensor> {
+    let mask = matcher.compute_mask_or_eos().map_err(|e| EngineError::Constraint(constraint::first_line(&e)))?;
+    if mask.is_zero() {
+        return Err(EngineError::Constraint("no token can continue the output".into()));
+    }
+    let mut values = logits.to_vec1::<f32>()?;
+    for (token, value) in values.iter_mut().enumerate() {
+        if !mask.is_allowed(token as u32) {
+            *value = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Tensor::from_vec(values, logits.shape(), logits.device())?)
 }
 
 /// The prompt's side of a generation, for its statistics.

@@ -134,6 +134,10 @@ impl TextTokenizer {
         self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -8,11 +8,14 @@
 //! model. One process writes a data dir at a time: [`MemoryStore::open`] holds an OS lock
 //! on `DATA_DIR/memory/LOCK` for the store's lifetime.
 
+pub mod dates;
+pub mod grounding;
 mod index;
 mod log;
 pub mod parse;
 pub mod pipeline;
 pub mod prompts;
+pub mod schema;
 mod state;
 #[cfg(test)]
 pub(crate) mod tests;

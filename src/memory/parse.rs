@@ -1881,7 +1881,7 @@ mod tests {
             parsed.skipped,
             strings(&[
                 "an operation without an event: {\"id\":\"0\",\"text\":\"a\"}",
-                "an operation with an unknown event \"MERGE\": {\"event\":\"MERGE\",\"id\":\"1\"}",
+                "an operation with an unknown event \"MERGE\": {\"id\":\"1\",\"event\":\"MERGE\"}",
                 "an operation whose event is a number: {\"event\":3}",
                 "a string, not a memory operation: \"ADD\"",
             ])

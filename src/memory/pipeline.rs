@@ -18,6 +18,8 @@ use serde_json::json;
 use crate::engine::Generation;
 use crate::eval::metrics::kept_share;
 
+use super::dates::{self, format_day, parse_day};
+use super::grounding;
 use super::parse::{self, Event, ParseError, ProposedOp};
 use super::prompts::{PromptError, Prompts, RenderedPrompt};
 use super::{MemoryError, MemoryId, MemoryOp, MemorySource, MemoryStore, OpKind, SearchHit, SearchQuery};
@@ -127,6 +129,8 @@ pub struct PipelineSettings {
     /// Old memories shown to the update operation per new fact (MemLoRA: 5).
     pub update_candidates: usize,
     pub undecided_facts: UndecidedFacts,
+    /// Decode extraction and update under their JSON schemas ([`super::schema`]).
+    pub constrained: bool,
 }
 
 /// What happens to a new fact when the update operation's output for it is unusable.
@@ -141,7 +145,7 @@ pub enum UndecidedFacts {
 
 impl Default for PipelineSettings {
     fn default() -> PipelineSettings {
-        PipelineSettings { answer_memories: 10, update_candidates: 5, undecided_facts: UndecidedFacts::Add }
+        PipelineSettings { answer_memories: 10, update_candidates: 5, undecided_facts: UndecidedFacts::Add, constrained: true }
     }
 }
 
@@ -174,6 +178,12 @@ pub struct TurnReport {
     pub unchanged: usize,
     /// Facts added because the update output for them was unusable.
     pub undecided: usize,
+    /// Extracted facts not kept because what was said does not support them.
+    #[serde(default)]
+    pub ungrounded: usize,
+    /// Model outputs that could not be read at all.
+    #[serde(default)]
+    pub unusable_outputs: usize,
     pub model_calls: usize,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -227,7 +237,11 @@ impl MemoryPipeline {
         if turns.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.prompts.render(Operation::Extract, json!({ "date": exchange.date, "turns": turns }))?))
+        let mut prompt = self.prompts.render(Operation::Extract, json!({ "date": exchange.date, "turns": turns }))?;
+        if self.settings.constrained {
+            prompt.constraint = Some(super::schema::facts());
+        }
+        Ok(Some(prompt))
     }
 
     /// The old memories the **update** operation is shown for `fact`, most similar first.
@@ -244,7 +258,11 @@ impl MemoryPipeline {
     /// The **update** prompt for `fact` with `candidates` numbered 0…n−1.
     pub fn update_prompt(&self, fact: &str, candidates: &[SearchHit]) -> Result<RenderedPrompt, PipelineError> {
         let memories: Vec<_> = candidates.iter().enumerate().map(|(index, hit)| json!({"id": index, "text": hit.memory.text})).collect();
-        Ok(self.prompts.render(Operation::Update, json!({ "fact": fact, "memories": memories }))?)
+        let mut prompt = self.prompts.render(Operation::Update, json!({ "fact": fact, "memories": memories }))?;
+        if self.settings.constrained {
+            prompt.constraint = Some(super::schema::memory_ops(candidates.len()));
+        }
+        Ok(prompt)
     }
 
     /// The **generate** prompt for `question` with `memories` in context.
@@ -264,6 +282,12 @@ impl MemoryPipeline {
         let started = Instant::now();
         let mut report = TurnReport::default();
         let turns = spoken_turns(exchange);
+        // Questions, small talk and requests state nothing to remember: the model is not
+        // asked, so it cannot make something up from them.
+        let said: Vec<&str> = turns.iter().flat_map(|turn| grounding::statements(&turn.text)).collect();
+        if said.is_empty() {
+            return Ok(report);
+        }
         let Some(prompt) = self.extract_prompt(exchange)? else {
             return Ok(report);
         };
@@ -271,12 +295,55 @@ impl MemoryPipeline {
             report.seconds = started.elapsed().as_secs_f64();
             return Ok(report);
         };
-        match parse::parse_facts(&output) {
+        let extracted = match parse::parse_facts(&output) {
             Ok(parsed) => {
                 report.skipped.extend(parsed.skipped.into_iter().map(|reason| format!("extract: {reason}")));
-                report.facts = parsed.items;
+                parsed.items
             }
-            Err(error) => skip(&mut report, Operation::Extract, &error, &output),
+            Err(error) => {
+                skip(&mut report, Operation::Extract, &error, &output);
+                Vec::new()
+            }
+        };
+        let session_day = exchange.date.as_deref().and_then(parse_day);
+        let mut speakers: Vec<&str> = turns.iter().map(|turn| turn.speaker.as_str()).collect();
+        speakers.sort_unstable();
+        speakers.dedup();
+        let mut event_days = Vec::new();
+        for fact in extracted {
+            let (text, event_day) = match session_day {
+                Some(day) => {
+                    let resolved = dates::resolve_relative_dates(&fact, day);
+                    (resolved.text, resolved.event_day.map(format_day))
+                }
+                None => (fact, None),
+            };
+            let text = match speakers.as_slice() {
+                [only] => grounding::with_speaker_for_example(&text, &said, only),
+                _ => text,
+            };
+            let year = session_day.map(|day| day.year());
+            let text = match grounding::unsupported(&text, &said, &speakers, year) {
+                None => text,
+                Some(reason) => {
+                    tracing::info!(fact = %text, %reason, "extracted fact not kept");
+                    report.ungrounded += 1;
+                    let head =
+                        grounding::leading_clause(&text).filter(|head| grounding::unsupported(head, &said, &speakers, year).is_none());
+                    match head {
+                        Some(head) => {
+                            report.skipped.push(format!("extract: {text:?} not kept ({reason}); kept {head:?}"));
+                            head
+                        }
+                        None => {
+                            report.skipped.push(format!("extract: {text:?} not kept: {reason}"));
+                            continue;
+                        }
+                    }
+                }
+            };
+            report.facts.push(text);
+            event_days.push(event_day);
         }
         if report.facts.is_empty() {
             report.seconds = started.elapsed().as_secs_f64();
@@ -286,7 +353,8 @@ impl MemoryPipeline {
         let fact_refs: Vec<&str> = report.facts.iter().map(String::as_str).collect();
         let fact_embeddings = embed_checked(embedder, &fact_refs)?;
         let mut plan = Plan::default();
-        for (fact, embedding) in report.facts.clone().iter().zip(fact_embeddings) {
+        for ((fact, embedding), event_day) in report.facts.clone().iter().zip(fact_embeddings).zip(event_days) {
+            plan.event_day = event_day;
             self.decide(fact, embedding, store, model, &mut plan, &mut report)?;
         }
         let (ops, descriptions) = plan.into_ops(exchange, &turns, embedder)?;
@@ -437,6 +505,7 @@ fn complete_json(
 
 fn skip(report: &mut TurnReport, operation: Operation, error: &ParseError, output: &str) {
     tracing::warn!(%operation, %error, output, "unusable model output skipped");
+    report.unusable_outputs += 1;
     report.skipped.push(format!("{operation}: {error}"));
 }
 
@@ -467,11 +536,13 @@ struct Plan {
     /// memory in one batch would contradict the first.
     touched: HashSet<MemoryId>,
     added: HashSet<String>,
+    /// The day the fact being decided happened, when its text names one.
+    event_day: Option<String>,
 }
 
 enum Decision {
-    Add { text: String, embedding: Option<Vec<f32>> },
-    Update { id: MemoryId, text: String, old_text: String },
+    Add { text: String, embedding: Option<Vec<f32>>, event_day: Option<String> },
+    Update { id: MemoryId, text: String, old_text: String, event_day: Option<String> },
     Delete { id: MemoryId, old_text: String },
 }
 
@@ -479,7 +550,7 @@ impl Plan {
     fn add(&mut self, text: String, embedding: Option<Vec<f32>>, report: &mut TurnReport) {
         let key = text.trim().trim_end_matches('.').to_lowercase();
         if self.added.insert(key) {
-            self.decisions.push(Decision::Add { text, embedding });
+            self.decisions.push(Decision::Add { text, embedding, event_day: self.event_day.clone() });
         } else {
             report.unchanged += 1;
         }
@@ -525,7 +596,12 @@ impl Plan {
                     return Ok(());
                 }
                 self.touch(old.memory.id)?;
-                self.decisions.push(Decision::Update { id: old.memory.id, text, old_text: old.memory.text.clone() });
+                self.decisions.push(Decision::Update {
+                    id: old.memory.id,
+                    text,
+                    old_text: old.memory.text.clone(),
+                    event_day: self.event_day.clone(),
+                });
                 Ok(())
             }
             Event::Delete => {
@@ -558,7 +634,7 @@ impl Plan {
             .decisions
             .iter()
             .filter_map(|decision| match decision {
-                Decision::Add { text, embedding: None } | Decision::Update { text, .. } => Some(text.as_str()),
+                Decision::Add { text, embedding: None, .. } | Decision::Update { text, .. } => Some(text.as_str()),
                 _ => None,
             })
             .collect();
@@ -577,7 +653,7 @@ impl Plan {
                 Decision::Delete { old_text, .. } => (old_text.clone(), None),
             });
             ops.push(match decision {
-                Decision::Add { text, embedding } => {
+                Decision::Add { text, embedding, event_day } => {
                     let embedding = match embedding {
                         Some(embedding) => embedding,
                         None => embeddings.next().unwrap_or_default(),
@@ -585,16 +661,19 @@ impl Plan {
                     MemoryOp::Add {
                         subject: subject_of(&text, turns),
                         text,
-                        event_time: exchange.date.clone(),
+                        event_time: event_day.or_else(|| exchange.date.clone()),
                         source: source.clone(),
                         image: None,
                         embedding,
                         created: None,
                     }
                 }
-                Decision::Update { id, text, .. } => {
-                    MemoryOp::Update { id, text, event_time: exchange.date.clone(), embedding: embeddings.next().unwrap_or_default() }
-                }
+                Decision::Update { id, text, event_day, .. } => MemoryOp::Update {
+                    id,
+                    text,
+                    event_time: event_day.or_else(|| exchange.date.clone()),
+                    embedding: embeddings.next().unwrap_or_default(),
+                },
                 Decision::Delete { id, .. } => MemoryOp::Delete { id },
             });
         }

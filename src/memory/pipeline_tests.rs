@@ -121,7 +121,14 @@ fn facts_of_a_first_exchange_are_added_without_asking_the_update_model() {
 fn with_lisbon_and_cat() -> (tempfile::TempDir, MemoryStore) {
     let (dir, mut store) = store();
     let mut model = ScriptedModel::new(|_, _| r#"Maya lives in Lisbon.", "Maya has a cat named Miso."]}"#.into());
-    pipeline().remember(&exchange("Maya", "…", "8 May 2023"), &mut store, &mut model, &mut BagOfWords { fail: false }).unwrap();
+    pipeline()
+        .remember(
+            &exchange("Maya", "I live in Lisbon with my cat Miso.", "8 May 2023"),
+            &mut store,
+            &mut model,
+            &mut BagOfWords { fail: false },
+        )
+        .unwrap();
     (dir, store)
 }
 
@@ -262,8 +269,14 @@ fn known_facts_and_repeats_need_no_model() {
         Operation::Extract => r#"maya lives in lisbon", "Maya likes tea.", "Maya likes tea."]}"#.into(),
         _ => r#"0", "event": "NONE"}]}"#.into(),
     });
-    let report =
-        pipeline().remember(&exchange("Maya", "…", "2 July 2023"), &mut store, &mut model, &mut BagOfWords { fail: false }).unwrap();
+    let report = pipeline()
+        .remember(
+            &exchange("Maya", "I live in Lisbon and I like tea.", "2 July 2023"),
+            &mut store,
+            &mut model,
+            &mut BagOfWords { fail: false },
+        )
+        .unwrap();
     assert_eq!(model.calls(Operation::Update), 1, "only the new fact is decided by the model");
     // The extraction stopped at the repeated fact.
     assert_eq!(report.facts, ["maya lives in lisbon", "Maya likes tea."]);
@@ -308,4 +321,56 @@ fn the_speaker_a_fact_names_is_its_subject() {
     assert_eq!(subject_of("Maya's sister visited Tom.", &[&maya, &tom]).as_deref(), Some("Maya"));
     assert_eq!(subject_of("It rained all week.", &[&maya, &tom]), None);
     assert_eq!(subject_of("It rained all week.", &[&maya]).as_deref(), Some("Maya"));
+}
+
+#[test]
+fn a_question_asks_no_model_and_stores_nothing() {
+    let (_dir, mut store) = with_lisbon_and_cat();
+    let seq = store.seq();
+    let mut model = ScriptedModel::new(|_, _| r#"Sam adopted a puppy named Rex on 7 May 2023."]}"#.into());
+    for text in ["Where does Maya live?", "Thanks, that's great!", "Tell me a joke."] {
+        let report =
+            pipeline().remember(&exchange("Maya", text, "8 May 2023"), &mut store, &mut model, &mut BagOfWords { fail: false }).unwrap();
+        assert!(report.facts.is_empty() && report.changes.is_empty(), "{text}: {report:?}");
+    }
+    assert_eq!(model.prompts.len(), 0);
+    assert_eq!(store.seq(), seq);
+}
+
+#[test]
+fn facts_the_turns_do_not_support_are_skipped_with_their_reason() {
+    let (_dir, mut store) = store();
+    let mut model = ScriptedModel::new(|operation, _| match operation {
+        Operation::Extract => r#"Sam adopted a puppy named Rex on 7 May 2023.", "Maya has a beagle named Biscuit."]}"#.into(),
+        _ => unreachable!("nothing related is stored"),
+    });
+    let report = pipeline()
+        .remember(
+            &exchange("Maya", "I have a beagle named Biscuit. Do you like dogs?", "8 May 2023"),
+            &mut store,
+            &mut model,
+            &mut BagOfWords { fail: false },
+        )
+        .unwrap();
+    assert_eq!(report.facts, ["Maya has a beagle named Biscuit."]);
+    assert_eq!(report.ungrounded, 1);
+    assert!(report.skipped.iter().any(|s| s.contains("Rex") && s.contains("not kept")), "{report:?}");
+    assert!(texts(&store).iter().all(|text| !text.contains("Rex")));
+}
+
+#[test]
+fn relative_dates_are_written_out_and_date_the_memory() {
+    let (_dir, mut store) = store();
+    let mut model = ScriptedModel::new(|_, _| r#"Gina lost her job as a banker yesterday."]}"#.into());
+    let report = pipeline()
+        .remember(
+            &exchange("Gina", "I lost my job as a banker yesterday.", "8 May 2023"),
+            &mut store,
+            &mut model,
+            &mut BagOfWords { fail: false },
+        )
+        .unwrap();
+    assert_eq!(report.facts, ["Gina lost her job as a banker on 7 May 2023."]);
+    let memory = store.list(&MemoryFilter::default()).remove(0);
+    assert_eq!((memory.text.as_str(), memory.event_time.as_deref()), ("Gina lost her job as a banker on 7 May 2023.", Some("7 May 2023")));
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::pipeline::Operation;
-use crate::engine::{ChatMessage, Role};
+use crate::engine::{ChatMessage, OutputConstraint, Role};
 
 const BUILTIN: &str = include_str!("../../config/prompts.toml");
 
@@ -48,6 +48,8 @@ pub struct RenderedPrompt {
     /// The start of the assistant's answer, written for the model to continue.
     pub response_prefix: String,
     pub max_tokens: Option<usize>,
+    /// What the answer (its prefix included) must be, when it is held to a grammar.
+    pub constraint: Option<OutputConstraint>,
 }
 
 #[derive(Debug)]
@@ -107,7 +109,7 @@ impl Prompts {
             messages.push(ChatMessage::new(Role::System, spec.system.clone()));
         }
         messages.push(ChatMessage::new(Role::User, user.trim_end().to_owned()));
-        Ok(RenderedPrompt { messages, response_prefix: spec.response_prefix.clone(), max_tokens: spec.max_tokens })
+        Ok(RenderedPrompt { messages, response_prefix: spec.response_prefix.clone(), max_tokens: spec.max_tokens, constraint: None })
     }
 }
 

@@ -457,14 +457,20 @@ impl AppState {
         self.pending.iter().filter(|p| p.job.changes_memory()).map(|p| p.job.describe()).collect()
     }
 
-    /// The adapter of the operation running now, or "base".
+    /// The adapter of the operation running now ("adapter: NAME (generate)"); while
+    /// nothing runs, the operations that have an expert bound ("experts: extract,
+    /// generate"), or "adapter: base" when none has.
     pub fn active_adapter(&self) -> String {
         let operation = self.pending.iter().find_map(|p| match p.job {
             Job::Ask { answered: false } => Some("generate"),
             Job::Ask { answered: true } | Job::Ingest { .. } => Some("extract"),
             _ => None,
         });
-        let Some(operation) = operation else { return "base".into() };
+        let Some(operation) = operation else {
+            let mut bound: Vec<&str> = self.bindings.iter().flatten().map(|b| b.operation.as_str()).collect();
+            bound.dedup();
+            return if bound.is_empty() { "adapter: base".into() } else { format!("experts: {}", bound.join(", ")) };
+        };
         let names: Vec<String> = self
             .bindings
             .iter()
@@ -473,9 +479,9 @@ impl AppState {
             .map(|b| if b.scale == 1.0 { b.adapter.clone() } else { format!("{}×{}", b.adapter, b.scale) })
             .collect();
         if names.is_empty() {
-            format!("base ({operation})")
+            format!("adapter: base ({operation})")
         } else {
-            format!("{} ({operation})", names.join("+"))
+            format!("adapter: {} ({operation})", names.join("+"))
         }
     }
 

@@ -520,7 +520,7 @@ fn draw_status(frame: &mut Frame, area: Rect, state: &AppState) {
         left.push(sep());
     }
     left.extend([
-        Span::raw(format!("adapter: {}", state.active_adapter())),
+        Span::raw(state.active_adapter()),
         sep(),
         Span::raw(match state.tokens_per_second {
             Some(tps) => format!("{tps:.1} tok/s"),
