@@ -282,7 +282,8 @@ pub fn parse_date_time(text: &str) -> Option<(String, i64)> {
     Some((format!("{day} {month_name} {year}"), timestamp))
 }
 
-const MONTHS: [&str; 12] =
+/// English month names, January first, as dates are written.
+pub(crate) const MONTHS: [&str; 12] =
     ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
 
 fn is_leap_year(year: i64) -> bool {

@@ -193,7 +193,7 @@ fn remembered_per_line(models: &Path, lines: &[&str]) -> Vec<Vec<String>> {
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, requests.as_bytes()));
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap().unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let responses: Vec<Value> =
         out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
     assert_eq!(responses.len(), lines.len());

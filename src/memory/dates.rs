@@ -14,6 +14,8 @@
 use jiff::civil::{Date, Weekday};
 use jiff::Span;
 
+use crate::transcript::MONTHS;
+
 /// A fact's text with its relative dates written out, and the day the fact happened
 /// when the text names exactly one day-precision date that was resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,9 +24,6 @@ pub struct ResolvedDates {
     pub event_day: Option<Date>,
     pub resolved: usize,
 }
-
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
 
 /// Words after which an inserted "on" would be doubled or ungrammatical.
 const PREPOSITIONS: [&str; 8] = ["on", "since", "until", "till", "by", "before", "after", "from"];
@@ -283,45 +282,13 @@ pub fn format_day(day: Date) -> String {
     format!("{} {} {}", day.day(), month_name(day), day.year())
 }
 
-/// Parses "8 May 2023", "8 May, 2023", "May 8, 2023", "2023-05-08" and LoCoMo's
-/// "1:56 pm on 8 May, 2023" (case-insensitive); None otherwise.
+/// The day of a date as conversations and memories write it — "8 May 2023", "8 May,
+/// 2023", "May 8, 2023", "2023-05-08", LoCoMo's "1:56 pm on 8 May, 2023" — read by the
+/// transcripts' own parser, which wrote the exchange's date in the first place.
 pub fn parse_day(text: &str) -> Option<Date> {
-    let lower = text.trim().to_ascii_lowercase();
-    let date_part = match lower.rsplit_once(" on ") {
-        Some((time, rest)) if is_clock_time(time) => rest.trim(),
-        Some(_) => return None,
-        None => lower.as_str(),
-    };
-    let numbers: Vec<&str> = date_part.split('-').collect();
-    if let [year, month, day] = numbers.as_slice() {
-        return Date::new(year.parse().ok()?, month.parse().ok()?, day.parse().ok()?).ok();
-    }
-    let parts: Vec<&str> = date_part.split(|c: char| c.is_whitespace() || c == ',').filter(|p| !p.is_empty()).collect();
-    let [first, second, year] = parts.as_slice() else { return None };
-    let (day, month) = match (first.parse::<i8>(), month_number(second)) {
-        (Ok(day), Some(month)) => (day, month),
-        _ => (second.parse().ok()?, month_number(first)?),
-    };
-    Date::new(year.parse().ok()?, month, day).ok()
-}
-
-/// LoCoMo session stamps prefix the date with "1:56 pm on".
-fn is_clock_time(text: &str) -> bool {
-    let mut parts = text.split_whitespace();
-    let clock_ok = parts
-        .next()
-        .and_then(|c| c.split_once(':'))
-        .is_some_and(|(h, m)| h.parse::<u8>().is_ok_and(|h| h <= 23) && m.len() == 2 && m.parse::<u8>().is_ok_and(|m| m <= 59));
-    let meridiem_ok = parts.next().is_none_or(|p| p == "am" || p == "pm");
-    clock_ok && meridiem_ok && parts.next().is_none()
-}
-
-fn month_number(word: &str) -> Option<i8> {
-    let index = MONTHS.iter().position(|m| {
-        let name = m.to_ascii_lowercase();
-        word == name || (word.len() == 3 && name.starts_with(word))
-    })?;
-    i8::try_from(index + 1).ok()
+    let (_, seconds) = crate::transcript::parse_date_time(text)?;
+    let days = Span::new().try_days(seconds.div_euclid(86_400)).ok()?;
+    jiff::civil::date(1970, 1, 1).checked_add(days).ok()
 }
 
 #[cfg(test)]

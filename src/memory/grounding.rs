@@ -26,6 +26,7 @@
 use std::collections::HashSet;
 
 use crate::eval::metrics::porter_stem;
+use crate::transcript::MONTHS;
 
 /// Share of a fact's content words that the statements must contain.
 pub const CONTENT_SUPPORT: f64 = 0.5;
@@ -43,22 +44,22 @@ pub fn is_statement(sentence: &str) -> bool {
     }
     let words = lower_words(sentence);
     let Some(first) = words.first() else { return false };
-    if words.iter().all(|w| SMALL_TALK.contains(&w.as_str()) || STOP_WORDS.contains(&w.as_str())) {
+    if words.iter().all(|w| listed(SMALL_TALK, w.as_str()) || listed(STOP_WORDS, w.as_str())) {
         return false;
     }
     let second = words.get(1).map(String::as_str).unwrap_or("");
-    if QUESTION_WORDS.contains(&first.as_str()) && QUESTION_VERBS.contains(&second) {
+    if listed(QUESTION_WORDS, first.as_str()) && listed(QUESTION_VERBS, second) {
         return false;
     }
-    if AUXILIARIES.contains(&first.as_str()) && ["you", "i", "we", "it", "there", "they", "he", "she", "that", "this"].contains(&second) {
+    if listed(AUXILIARIES, first.as_str()) && listed("you i we it there they he she that this", second) {
         return false;
     }
     // "please remember that my sister lives in Lisbon": what follows is the statement.
     let rest: Vec<&str> = words.iter().map(String::as_str).skip_while(|w| *w == "please").collect();
-    if rest.first().is_some_and(|w| ["remember", "note", "noted"].contains(w)) {
+    if rest.first().is_some_and(|w| listed("remember note noted", w)) {
         return rest.len() > 2;
     }
-    !rest.first().is_some_and(|w| REQUESTS.contains(w))
+    !rest.first().is_some_and(|w| listed(REQUESTS, w))
 }
 
 /// Why `fact` is not supported by `statements` (the window's statements and its
@@ -83,11 +84,11 @@ pub fn unsupported(fact: &str, statements: &[&str], speakers: &[&str], session_y
             beyond_speaker = true;
             continue;
         }
-        if MONTHS.contains(&lower.as_str()) || WEEKDAYS.contains(&lower.as_str()) {
+        if is_month(word) || listed(WEEKDAYS, lower.as_str()) {
             continue;
         }
         let capitalised = word.chars().next().is_some_and(char::is_uppercase);
-        if capitalised && !STOP_WORDS.contains(&lower.as_str()) && !NOT_NAMES.contains(&lower.as_str()) {
+        if capitalised && !listed(STOP_WORDS, lower.as_str()) && !listed(NOT_NAMES, lower.as_str()) {
             if speaker_words.contains(&lower) {
                 continue;
             }
@@ -97,7 +98,7 @@ pub fn unsupported(fact: &str, statements: &[&str], speakers: &[&str], session_y
             beyond_speaker = true;
             continue;
         }
-        if STOP_WORDS.contains(&lower.as_str()) || speaker_words.contains(&lower) {
+        if listed(STOP_WORDS, lower.as_str()) || speaker_words.contains(&lower) {
             continue;
         }
         content += 1;
@@ -157,7 +158,7 @@ pub fn leading_clause(fact: &str) -> Option<String> {
 /// A day (1–31 next to a month name) or a year of a date within a year of the session.
 fn is_date_number(words: &[&str], index: usize, session_year: Option<i16>) -> bool {
     let Ok(value) = words[index].parse::<i64>() else { return false };
-    let month_at = |i: Option<usize>| i.and_then(|i| words.get(i)).is_some_and(|w| MONTHS.contains(&w.to_lowercase().as_str()));
+    let month_at = |i: Option<usize>| i.and_then(|i| words.get(i)).is_some_and(|w| is_month(w));
     let near_year = |year: i64| session_year.is_some_and(|session| (year - i64::from(session)).abs() <= 1);
     if (1000..=9999).contains(&value) {
         return near_year(value);
@@ -202,356 +203,56 @@ fn lower_words(text: &str) -> Vec<String> {
     raw_words(text).into_iter().map(|w| w.to_lowercase().replace('’', "'")).collect()
 }
 
-const MONTHS: [&str; 12] =
-    ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november", "december"];
-const WEEKDAYS: [&str; 7] = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"];
+/// Whether `word` is one of the space-separated words of `list`.
+fn listed(list: &str, word: &str) -> bool {
+    list.split_ascii_whitespace().any(|listed| listed == word)
+}
+
+fn is_month(word: &str) -> bool {
+    MONTHS.iter().any(|month| month.eq_ignore_ascii_case(word))
+}
+
+// Word lists, space-separated, lower case.
+
+const WEEKDAYS: &str = "monday tuesday wednesday thursday friday saturday sunday";
 
 /// Capitalised words that are not names.
-const NOT_NAMES: &[&str] = &["user", "i", "i'm", "i've", "i'd", "i'll", "mr", "mrs", "ms", "dr"];
+const NOT_NAMES: &str = "user i i'm i've i'd i'll mr mrs ms dr";
 
-const QUESTION_WORDS: &[&str] =
-    &["what", "what's", "whats", "where", "where's", "when", "who", "who's", "whom", "whose", "why", "how", "how's", "which"];
-const QUESTION_VERBS: &[&str] = &[
-    "is", "are", "was", "were", "do", "does", "did", "can", "could", "would", "will", "should", "have", "has", "had", "am", "about",
-    "much", "many", "long", "old", "far", "often", "come", "else", "kind", "time", "up", "if",
-];
-const AUXILIARIES: &[&str] = &[
-    "do", "does", "did", "are", "is", "was", "were", "can", "could", "would", "will", "should", "have", "has", "am", "shall", "may",
-    "might",
-];
+const QUESTION_WORDS: &str = "what what's whats where where's when who who's whom whose why how how's which";
+const QUESTION_VERBS: &str = concat!(
+    "is are was were do does did can could would will should have has had am about much many long old far ",
+    "often come else kind time up if ",
+);
+const AUXILIARIES: &str = "do does did are is was were can could would will should have has am shall may might";
 /// Openings of a request to the assistant.
-const REQUESTS: &[&str] = &[
-    "tell",
-    "show",
-    "give",
-    "help",
-    "explain",
-    "write",
-    "translate",
-    "summarize",
-    "summarise",
-    "describe",
-    "list",
-    "define",
-    "calculate",
-    "compute",
-    "find",
-    "search",
-    "suggest",
-    "recommend",
-    "draft",
-    "generate",
-    "compose",
-    "say",
-    "repeat",
-    "continue",
-    "convert",
-    "check",
-    "rewrite",
-    "rephrase",
-    "let's",
-    "lets",
-    "imagine",
-    "pretend",
-    "count",
-    "name",
-    "spell",
-    "play",
-    "sing",
-];
+const REQUESTS: &str = concat!(
+    "tell show give help explain write translate summarize summarise describe list define calculate ",
+    "compute find search suggest recommend draft generate compose say repeat continue convert check ",
+    "rewrite rephrase let's lets imagine pretend count name spell play sing ",
+);
 /// Greetings, thanks, reactions, fillers and talk about the talk.
-const SMALL_TALK: &[&str] = &[
-    "hi",
-    "hello",
-    "hey",
-    "heya",
-    "hiya",
-    "yo",
-    "greetings",
-    "morning",
-    "afternoon",
-    "evening",
-    "night",
-    "good",
-    "great",
-    "thanks",
-    "thank",
-    "thx",
-    "ty",
-    "cheers",
-    "ok",
-    "okay",
-    "k",
-    "kk",
-    "sure",
-    "yes",
-    "yeah",
-    "yep",
-    "yup",
-    "no",
-    "nope",
-    "nah",
-    "cool",
-    "nice",
-    "awesome",
-    "amazing",
-    "wow",
-    "whoa",
-    "haha",
-    "hahaha",
-    "lol",
-    "lmao",
-    "rofl",
-    "hmm",
-    "hm",
-    "um",
-    "uh",
-    "oh",
-    "ah",
-    "bye",
-    "goodbye",
-    "later",
-    "soon",
-    "care",
-    "welcome",
-    "sorry",
-    "pardon",
-    "excuse",
-    "alright",
-    "right",
-    "fine",
-    "got",
-    "gotcha",
-    "understood",
-    "perfect",
-    "lovely",
-    "wonderful",
-    "sweet",
-    "neat",
-    "fun",
-    "funny",
-    "interesting",
-    "agreed",
-    "indeed",
-    "exactly",
-    "true",
-    "totally",
-    "absolutely",
-    "definitely",
-    "really",
-    "helpful",
-    "bad",
-    "never",
-    "mind",
-    "nevermind",
-    "whatever",
-    "anyway",
-    "anyways",
-    "change",
-    "subject",
-    "topic",
-    "please",
-    "sounds",
-    "see",
-    "ya",
-    "cya",
-    "brilliant",
-    "fantastic",
-    "excellent",
-    "glad",
-    "appreciate",
-    "appreciated",
-    "makes",
-    "sense",
-    "noted",
-    "thanks!",
-    "hah",
-    "heh",
-    "omg",
-    "lovely",
-    "congrats",
-    "congratulations",
-    "bless",
-    "sweet",
-    "wish",
-    "luck",
-    "hope",
-    "day",
-    "week",
-    "weekend",
-    "again",
-    "more",
-    "answer",
-    "question",
-    "useful",
-    "clear",
-    "ready",
-    "done",
-    "go",
-    "ahead",
-    "stop",
-    "enough",
-    "forget",
-];
+const SMALL_TALK: &str = concat!(
+    "hi hello hey heya hiya yo greetings morning afternoon evening night good great thanks thank thx ty ",
+    "cheers ok okay k kk sure yes yeah yep yup no nope nah cool nice awesome amazing wow whoa haha hahaha ",
+    "lol lmao rofl hmm hm um uh oh ah bye goodbye later soon care welcome sorry pardon excuse alright ",
+    "right fine got gotcha understood perfect lovely wonderful sweet neat fun funny interesting agreed ",
+    "indeed exactly true totally absolutely definitely really helpful bad never mind nevermind whatever ",
+    "anyway anyways change subject topic please sounds see ya cya brilliant fantastic excellent glad ",
+    "appreciate appreciated makes sense noted hah heh omg congrats congratulations bless wish luck hope ",
+    "day week weekend again more answer question useful clear ready done go ahead stop enough forget ",
+);
 /// Words that carry no content of their own.
-pub(crate) const STOP_WORDS: &[&str] = &[
-    "a",
-    "an",
-    "the",
-    "and",
-    "or",
-    "but",
-    "if",
-    "of",
-    "to",
-    "in",
-    "on",
-    "at",
-    "by",
-    "for",
-    "with",
-    "about",
-    "from",
-    "into",
-    "over",
-    "after",
-    "before",
-    "during",
-    "since",
-    "until",
-    "up",
-    "down",
-    "out",
-    "off",
-    "as",
-    "than",
-    "then",
-    "so",
-    "too",
-    "very",
-    "just",
-    "also",
-    "that",
-    "this",
-    "these",
-    "those",
-    "there",
-    "here",
-    "it",
-    "its",
-    "it's",
-    "is",
-    "are",
-    "was",
-    "were",
-    "be",
-    "been",
-    "being",
-    "am",
-    "have",
-    "has",
-    "had",
-    "having",
-    "do",
-    "does",
-    "did",
-    "done",
-    "will",
-    "would",
-    "can",
-    "could",
-    "should",
-    "shall",
-    "may",
-    "might",
-    "must",
-    "not",
-    "no",
-    "i",
-    "i'm",
-    "i've",
-    "i'd",
-    "i'll",
-    "me",
-    "my",
-    "mine",
-    "myself",
-    "you",
-    "you're",
-    "your",
-    "yours",
-    "we",
-    "our",
-    "us",
-    "they",
-    "their",
-    "them",
-    "he",
-    "his",
-    "him",
-    "she",
-    "her",
-    "hers",
-    "who",
-    "whom",
-    "which",
-    "what",
-    "when",
-    "where",
-    "why",
-    "how",
-    "all",
-    "any",
-    "some",
-    "each",
-    "every",
-    "both",
-    "more",
-    "most",
-    "much",
-    "many",
-    "own",
-    "same",
-    "other",
-    "such",
-    "only",
-    "now",
-    "that's",
-    "what's",
-    "let",
-    "lot",
-    "really",
-    "quite",
-    "pretty",
-    "well",
-    "still",
-    "even",
-    "yet",
-    "ever",
-    "one",
-    "named",
-    "called",
-    "user",
-    "s",
-    "t",
-    "don't",
-    "didn't",
-    "doesn't",
-    "isn't",
-    "wasn't",
-    "can't",
-    "won't",
-    "something",
-    "thing",
-    "things",
-    "get",
-    "got",
-    "week",
-    "month",
-    "year",
-    "day",
-    "weekend",
-];
+const STOP_WORDS: &str = concat!(
+    "a an the and or but if of to in on at by for with about from into over after before during since ",
+    "until up down out off as than then so too very just also that this these those there here it its ",
+    "it's is are was were be been being am have has had having do does did done will would can could ",
+    "should shall may might must not no i i'm i've i'd i'll me my mine myself you you're your yours we ",
+    "our us they their them he his him she her hers who whom which what when where why how all any some ",
+    "each every both more most much many own same other such only now that's what's let lot really quite ",
+    "pretty well still even yet ever one named called user s t don't didn't doesn't isn't wasn't can't ",
+    "won't something thing things get got week month year day weekend ",
+);
 
 #[cfg(test)]
 mod tests {

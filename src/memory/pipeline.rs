@@ -305,46 +305,8 @@ impl MemoryPipeline {
                 Vec::new()
             }
         };
-        let session_day = exchange.date.as_deref().and_then(parse_day);
-        let mut speakers: Vec<&str> = turns.iter().map(|turn| turn.speaker.as_str()).collect();
-        speakers.sort_unstable();
-        speakers.dedup();
-        let mut event_days = Vec::new();
-        for fact in extracted {
-            let (text, event_day) = match session_day {
-                Some(day) => {
-                    let resolved = dates::resolve_relative_dates(&fact, day);
-                    (resolved.text, resolved.event_day.map(format_day))
-                }
-                None => (fact, None),
-            };
-            let text = match speakers.as_slice() {
-                [only] => grounding::with_speaker_for_example(&text, &said, only),
-                _ => text,
-            };
-            let year = session_day.map(|day| day.year());
-            let text = match grounding::unsupported(&text, &said, &speakers, year) {
-                None => text,
-                Some(reason) => {
-                    tracing::info!(fact = %text, %reason, "extracted fact not kept");
-                    report.ungrounded += 1;
-                    let head =
-                        grounding::leading_clause(&text).filter(|head| grounding::unsupported(head, &said, &speakers, year).is_none());
-                    match head {
-                        Some(head) => {
-                            report.skipped.push(format!("extract: {text:?} not kept ({reason}); kept {head:?}"));
-                            head
-                        }
-                        None => {
-                            report.skipped.push(format!("extract: {text:?} not kept: {reason}"));
-                            continue;
-                        }
-                    }
-                }
-            };
-            report.facts.push(text);
-            event_days.push(event_day);
-        }
+        let facts = grounded_facts(extracted, exchange, &turns, &said, &mut report);
+        report.facts = facts.iter().map(|(text, _)| text.clone()).collect();
         if report.facts.is_empty() {
             report.seconds = started.elapsed().as_secs_f64();
             return Ok(report);
@@ -353,9 +315,8 @@ impl MemoryPipeline {
         let fact_refs: Vec<&str> = report.facts.iter().map(String::as_str).collect();
         let fact_embeddings = embed_checked(embedder, &fact_refs)?;
         let mut plan = Plan::default();
-        for ((fact, embedding), event_day) in report.facts.clone().iter().zip(fact_embeddings).zip(event_days) {
-            plan.event_day = event_day;
-            self.decide(fact, embedding, store, model, &mut plan, &mut report)?;
+        for ((fact, event_day), embedding) in facts.iter().zip(fact_embeddings) {
+            self.decide(fact, event_day.as_deref(), embedding, store, model, &mut plan, &mut report)?;
         }
         let (ops, descriptions) = plan.into_ops(exchange, &turns, embedder)?;
         let applied = super::saved(store.apply_at(ops, exchange.time.unwrap_or_else(super::now)))?;
@@ -368,10 +329,13 @@ impl MemoryPipeline {
         Ok(report)
     }
 
-    /// Decides what `fact` changes and records it in `plan`.
+    /// Decides what `fact` (which happened on `event_day`, when it says so) changes and
+    /// records it in `plan`.
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         fact: &str,
+        event_day: Option<&str>,
         embedding: Vec<f32>,
         store: &MemoryStore,
         model: &mut dyn LanguageModel,
@@ -382,7 +346,7 @@ impl MemoryPipeline {
         // With nothing related there is nothing to decide; a repeat of a memory word for
         // word is known. Neither needs the model.
         if candidates.is_empty() {
-            plan.add(fact.to_owned(), Some(embedding), report);
+            plan.add(fact.to_owned(), Some(embedding), event_day, report);
             return Ok(());
         }
         if candidates.iter().any(|hit| same_text(&hit.memory.text, fact)) {
@@ -396,7 +360,7 @@ impl MemoryPipeline {
                 Ok(parsed) => {
                     report.skipped.extend(parsed.skipped.into_iter().map(|reason| format!("update: {reason}")));
                     for proposed in parsed.items {
-                        match plan.take(proposed, &candidates, report) {
+                        match plan.take(proposed, &candidates, event_day, report) {
                             Ok(()) => decided = true,
                             Err(reason) => {
                                 tracing::info!(%fact, %reason, "skipping a memory decision");
@@ -410,7 +374,7 @@ impl MemoryPipeline {
         }
         if !decided && self.settings.undecided_facts == UndecidedFacts::Add {
             report.undecided += 1;
-            plan.add(fact.to_owned(), Some(embedding), report);
+            plan.add(fact.to_owned(), Some(embedding), event_day, report);
         }
         Ok(())
     }
@@ -455,6 +419,51 @@ impl MemoryPipeline {
         let completion = model.complete(Operation::Generate, &prompt, on_text)?;
         Ok(Answer { text: completion.text.clone(), memories, completion, image: None })
     }
+}
+
+/// The extracted facts that what was said supports, each with its relative dates written
+/// out against the exchange's date and the day it happened when it names one; the others
+/// are counted and listed in `report` with why (see [`grounding`]).
+fn grounded_facts(
+    extracted: Vec<String>,
+    exchange: &Exchange,
+    turns: &[&Turn],
+    said: &[&str],
+    report: &mut TurnReport,
+) -> Vec<(String, Option<String>)> {
+    let session_day = exchange.date.as_deref().and_then(parse_day);
+    let year = session_day.map(|day| day.year());
+    let mut speakers: Vec<&str> = turns.iter().map(|turn| turn.speaker.as_str()).collect();
+    speakers.sort_unstable();
+    speakers.dedup();
+    let mut kept = Vec::new();
+    for fact in extracted {
+        let (text, event_day) = match session_day {
+            Some(day) => {
+                let resolved = dates::resolve_relative_dates(&fact, day);
+                (resolved.text, resolved.event_day.map(format_day))
+            }
+            None => (fact, None),
+        };
+        let text = match speakers.as_slice() {
+            [only] => grounding::with_speaker_for_example(&text, said, only),
+            _ => text,
+        };
+        let Some(reason) = grounding::unsupported(&text, said, &speakers, year) else {
+            kept.push((text, event_day));
+            continue;
+        };
+        tracing::info!(fact = %text, %reason, "extracted fact not kept");
+        report.ungrounded += 1;
+        match grounding::leading_clause(&text).filter(|head| grounding::unsupported(head, said, &speakers, year).is_none()) {
+            Some(head) => {
+                report.skipped.push(format!("extract: {text:?} not kept ({reason}); kept {head:?}"));
+                kept.push((head, event_day));
+            }
+            None => report.skipped.push(format!("extract: {text:?} not kept: {reason}")),
+        }
+    }
+    kept
 }
 
 /// Recalled memories as the generation operation is given them.
@@ -536,8 +545,6 @@ struct Plan {
     /// memory in one batch would contradict the first.
     touched: HashSet<MemoryId>,
     added: HashSet<String>,
-    /// The day the fact being decided happened, when its text names one.
-    event_day: Option<String>,
 }
 
 enum Decision {
@@ -547,17 +554,23 @@ enum Decision {
 }
 
 impl Plan {
-    fn add(&mut self, text: String, embedding: Option<Vec<f32>>, report: &mut TurnReport) {
+    fn add(&mut self, text: String, embedding: Option<Vec<f32>>, event_day: Option<&str>, report: &mut TurnReport) {
         let key = text.trim().trim_end_matches('.').to_lowercase();
         if self.added.insert(key) {
-            self.decisions.push(Decision::Add { text, embedding, event_day: self.event_day.clone() });
+            self.decisions.push(Decision::Add { text, embedding, event_day: event_day.map(str::to_owned) });
         } else {
             report.unchanged += 1;
         }
     }
 
     /// Validates one proposed operation against the candidates the model was shown.
-    fn take(&mut self, proposed: ProposedOp, candidates: &[SearchHit], report: &mut TurnReport) -> Result<(), String> {
+    fn take(
+        &mut self,
+        proposed: ProposedOp,
+        candidates: &[SearchHit],
+        event_day: Option<&str>,
+        report: &mut TurnReport,
+    ) -> Result<(), String> {
         let ProposedOp { id, text, event, .. } = proposed;
         let old = || -> Result<&SearchHit, String> {
             let shown = id.as_deref().ok_or_else(|| format!("{event:?} without an id"))?;
@@ -574,7 +587,7 @@ impl Plan {
             }
             Event::Add => {
                 let text = text.ok_or("ADD without text")?;
-                self.add(text, None, report);
+                self.add(text, None, event_day, report);
                 Ok(())
             }
             Event::Update => {
@@ -592,7 +605,7 @@ impl Plan {
                         "update: UPDATE of memory {} would drop most of {:?}; {:?} added beside it",
                         old.memory.id, old.memory.text, text
                     ));
-                    self.add(text, None, report);
+                    self.add(text, None, event_day, report);
                     return Ok(());
                 }
                 self.touch(old.memory.id)?;
@@ -600,7 +613,7 @@ impl Plan {
                     id: old.memory.id,
                     text,
                     old_text: old.memory.text.clone(),
-                    event_day: self.event_day.clone(),
+                    event_day: event_day.map(str::to_owned),
                 });
                 Ok(())
             }

@@ -71,6 +71,11 @@ fn exchange(speaker: &str, text: &str, date: &str) -> Exchange {
     }
 }
 
+/// What the default pipeline remembers of `exchange`, with the bag-of-words embedder.
+fn remember(store: &mut MemoryStore, model: &mut ScriptedModel, exchange: &Exchange) -> TurnReport {
+    pipeline().remember(exchange, store, model, &mut BagOfWords { fail: false }).unwrap()
+}
+
 fn texts(store: &MemoryStore) -> Vec<String> {
     store.list(&MemoryFilter::default()).into_iter().map(|m| m.text).collect()
 }
@@ -95,14 +100,7 @@ fn facts_of_a_first_exchange_are_added_without_asking_the_update_model() {
         assert_eq!(operation, Operation::Extract);
         r#"Maya lives in Lisbon.", "Maya has a cat named Miso."]}"#.into()
     });
-    let report = pipeline()
-        .remember(
-            &exchange("Maya", "I live in Lisbon with my cat Miso.", "8 May 2023"),
-            &mut store,
-            &mut model,
-            &mut BagOfWords { fail: false },
-        )
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Maya", "I live in Lisbon with my cat Miso.", "8 May 2023"));
     assert_eq!(report.facts, ["Maya lives in Lisbon.", "Maya has a cat named Miso."]);
     assert_eq!(
         report.changes.iter().map(|c| (c.kind, c.text.as_str())).collect::<Vec<_>>(),
@@ -121,14 +119,7 @@ fn facts_of_a_first_exchange_are_added_without_asking_the_update_model() {
 fn with_lisbon_and_cat() -> (tempfile::TempDir, MemoryStore) {
     let (dir, mut store) = store();
     let mut model = ScriptedModel::new(|_, _| r#"Maya lives in Lisbon.", "Maya has a cat named Miso."]}"#.into());
-    pipeline()
-        .remember(
-            &exchange("Maya", "I live in Lisbon with my cat Miso.", "8 May 2023"),
-            &mut store,
-            &mut model,
-            &mut BagOfWords { fail: false },
-        )
-        .unwrap();
+    remember(&mut store, &mut model, &exchange("Maya", "I live in Lisbon with my cat Miso.", "8 May 2023"));
     (dir, store)
 }
 
@@ -144,14 +135,7 @@ fn update_decisions_map_shown_ids_back_to_memories() {
         Operation::Update => format!(r#"{}", "event": "DELETE"}}]}}"#, shown_id(prompt, "cat")),
         Operation::Generate => unreachable!(),
     });
-    let report = pipeline()
-        .remember(
-            &exchange("Maya", "I moved to Porto and gave my cat away.", "9 June 2023"),
-            &mut store,
-            &mut model,
-            &mut BagOfWords { fail: false },
-        )
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Maya", "I moved to Porto and gave my cat away.", "9 June 2023"));
     assert_eq!(model.calls(Operation::Update), 2);
     assert!(model.prompts[1].1.starts_with("Old memories:\n0: "), "{}", model.prompts[1].1);
     assert_eq!(
@@ -177,9 +161,7 @@ fn an_update_that_would_drop_what_a_memory_says_adds_its_text_beside_it() {
         Operation::Extract => r#"Maya moved to York."]}"#.into(),
         _ => format!(r#"{}", "text": "Maya moved to York.", "event": "UPDATE"}}]}}"#, shown_id(prompt, "cat")),
     });
-    let report = pipeline()
-        .remember(&exchange("Maya", "I moved to York.", "2 May 2023"), &mut store, &mut model, &mut BagOfWords { fail: false })
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Maya", "I moved to York.", "2 May 2023"));
     assert_eq!(report.changes.iter().map(|c| (c.kind, c.text.as_str())).collect::<Vec<_>>(), [(OpKind::Add, "Maya moved to York.")]);
     assert!(report.skipped.iter().any(|s| s.contains("would drop most of \"Maya has a cat named Miso.\"")), "{:?}", report.skipped);
     assert_eq!(texts(&store), ["Maya lives in Lisbon.", "Maya has a cat named Miso.", "Maya moved to York."]);
@@ -197,9 +179,7 @@ fn invalid_decisions_are_skipped_and_valid_ones_applied() {
             )
         }
     });
-    let report = pipeline()
-        .remember(&exchange("Maya", "I bought a red bike.", "1 July 2023"), &mut store, &mut model, &mut BagOfWords { fail: false })
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Maya", "I bought a red bike.", "1 July 2023"));
     let skipped = report.skipped.join("\n");
     for reason in [
         "not one of the 2 memories shown",
@@ -244,9 +224,7 @@ fn by_default_a_fact_without_a_usable_decision_is_added_not_lost() {
     let (_dir, mut store) = with_lisbon_and_cat();
     let mut model =
         ScriptedModel::new(|operation, _| if operation == Operation::Extract { r#"Maya has a dog."]}"#.into() } else { "no idea".into() });
-    let report = pipeline()
-        .remember(&exchange("Maya", "I have a dog.", "1 July 2023"), &mut store, &mut model, &mut BagOfWords { fail: false })
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Maya", "I have a dog.", "1 July 2023"));
     assert_eq!((report.undecided, report.skipped.len()), (1, 1), "{report:?}");
     assert_eq!(texts(&store), ["Maya lives in Lisbon.", "Maya has a cat named Miso.", "Maya has a dog."]);
 }
@@ -269,14 +247,7 @@ fn known_facts_and_repeats_need_no_model() {
         Operation::Extract => r#"maya lives in lisbon", "Maya likes tea.", "Maya likes tea."]}"#.into(),
         _ => r#"0", "event": "NONE"}]}"#.into(),
     });
-    let report = pipeline()
-        .remember(
-            &exchange("Maya", "I live in Lisbon and I like tea.", "2 July 2023"),
-            &mut store,
-            &mut model,
-            &mut BagOfWords { fail: false },
-        )
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Maya", "I live in Lisbon and I like tea.", "2 July 2023"));
     assert_eq!(model.calls(Operation::Update), 1, "only the new fact is decided by the model");
     // The extraction stopped at the repeated fact.
     assert_eq!(report.facts, ["maya lives in lisbon", "Maya likes tea."]);
@@ -329,8 +300,7 @@ fn a_question_asks_no_model_and_stores_nothing() {
     let seq = store.seq();
     let mut model = ScriptedModel::new(|_, _| r#"Sam adopted a puppy named Rex on 7 May 2023."]}"#.into());
     for text in ["Where does Maya live?", "Thanks, that's great!", "Tell me a joke."] {
-        let report =
-            pipeline().remember(&exchange("Maya", text, "8 May 2023"), &mut store, &mut model, &mut BagOfWords { fail: false }).unwrap();
+        let report = remember(&mut store, &mut model, &exchange("Maya", text, "8 May 2023"));
         assert!(report.facts.is_empty() && report.changes.is_empty(), "{text}: {report:?}");
     }
     assert_eq!(model.prompts.len(), 0);
@@ -344,14 +314,7 @@ fn facts_the_turns_do_not_support_are_skipped_with_their_reason() {
         Operation::Extract => r#"Sam adopted a puppy named Rex on 7 May 2023.", "Maya has a beagle named Biscuit."]}"#.into(),
         _ => unreachable!("nothing related is stored"),
     });
-    let report = pipeline()
-        .remember(
-            &exchange("Maya", "I have a beagle named Biscuit. Do you like dogs?", "8 May 2023"),
-            &mut store,
-            &mut model,
-            &mut BagOfWords { fail: false },
-        )
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Maya", "I have a beagle named Biscuit. Do you like dogs?", "8 May 2023"));
     assert_eq!(report.facts, ["Maya has a beagle named Biscuit."]);
     assert_eq!(report.ungrounded, 1);
     assert!(report.skipped.iter().any(|s| s.contains("Rex") && s.contains("not kept")), "{report:?}");
@@ -362,14 +325,7 @@ fn facts_the_turns_do_not_support_are_skipped_with_their_reason() {
 fn relative_dates_are_written_out_and_date_the_memory() {
     let (_dir, mut store) = store();
     let mut model = ScriptedModel::new(|_, _| r#"Gina lost her job as a banker yesterday."]}"#.into());
-    let report = pipeline()
-        .remember(
-            &exchange("Gina", "I lost my job as a banker yesterday.", "8 May 2023"),
-            &mut store,
-            &mut model,
-            &mut BagOfWords { fail: false },
-        )
-        .unwrap();
+    let report = remember(&mut store, &mut model, &exchange("Gina", "I lost my job as a banker yesterday.", "8 May 2023"));
     assert_eq!(report.facts, ["Gina lost her job as a banker on 7 May 2023."]);
     let memory = store.list(&MemoryFilter::default()).remove(0);
     assert_eq!((memory.text.as_str(), memory.event_time.as_deref()), ("Gina lost her job as a banker on 7 May 2023.", Some("7 May 2023")));
