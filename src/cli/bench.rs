@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// LoRA adapters (NAME|DIR[=SCALE]) active during the measurement.
     #[arg(long = "adapter")]
     adapters: Vec<String>,
+    /// Also measure with 1..=N CPU-bound processes running beside the engine
+    /// (started and stopped by the bench), each against the idle figures.
+    #[arg(long, value_name = "N")]
+    under_load: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -99,6 +103,17 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let base = median_run(&base_runs);
+    let mut loaded = Vec::new();
+    for busy in 1..=args.under_load.unwrap_or(0) {
+        let loops = BusyLoops::start(busy)?;
+        // Long enough for the engine to see the load before the first run.
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let runs = (0..repeat)
+            .map(|_| chat.measure_speed(args.prompt_tokens, args.steps, &active))
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(loops);
+        loaded.push((busy, median_run(&runs)));
+    }
     let lora = lora.map(|(rank, targets, attach, switch, _)| (rank, targets, attach, switch, median_run(&lora_runs)));
     let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1e6);
     let info = chat.info();
@@ -110,7 +125,7 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
             "architecture": info.architecture,
             "parameters": info.parameters,
             "weights": env.config.engine.weights,
-            "threads": rayon_threads(),
+            "threads": memlora::engine::max_threads(),
             "load_seconds": info.load_seconds,
             "prompt_tokens": base.prompt_tokens,
             "decode_steps": base.decode_steps,
@@ -120,6 +135,19 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
             "time_to_first_token_seconds": base.time_to_first_token_seconds,
             "peak_rss_mb": peak_rss_mb,
         });
+        if !loaded.is_empty() {
+            report["under_load"] = loaded
+                .iter()
+                .map(|(busy, run)| {
+                    json!({
+                        "busy_processes": busy,
+                        "prefill_tokens_per_second": run.prefill_tokens_per_second(),
+                        "decode_tokens_per_second": run.decode_tokens_per_second(),
+                        "decode_ratio_to_idle": run.decode_tokens_per_second() / base.decode_tokens_per_second(),
+                    })
+                })
+                .collect();
+        }
         if let Some((rank, targets, attach, switch, run)) = &lora {
             report["lora"] = json!({
                 "rank": rank,
@@ -141,7 +169,7 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
         info.parameters as f64 / 1e6,
         env.config.engine.weights
     );
-    println!("threads          {}", rayon_threads());
+    println!("threads          {}", memlora::engine::max_threads());
     println!("load             {:.2} s", info.load_seconds);
     println!("prefill          {:.1} tok/s (pp{})", base.prefill_tokens_per_second(), base.prompt_tokens);
     println!("decode           {:.1} tok/s (tg{})", base.decode_tokens_per_second(), base.decode_steps);
@@ -158,11 +186,57 @@ pub fn run(env: &Env, args: BenchArgs) -> anyhow::Result<()> {
             switch * 1e6
         );
     }
+    for (busy, run) in &loaded {
+        println!(
+            "{busy} busy process{}  prefill {:.1} tok/s, decode {:.1} tok/s ({:.2}× idle)",
+            if *busy == 1 { "  " } else { "es" },
+            run.prefill_tokens_per_second(),
+            run.decode_tokens_per_second(),
+            run.decode_tokens_per_second() / base.decode_tokens_per_second()
+        );
+    }
     match peak_rss_mb {
         Some(mb) => println!("peak RSS         {mb:.0} MB"),
         None => println!("peak RSS         unknown"),
     }
     Ok(())
+}
+
+/// CPU-bound child processes that spin until dropped (or until the bench
+/// dies: each asks the kernel to kill it with its parent).
+struct BusyLoops(Vec<libc::pid_t>);
+
+impl BusyLoops {
+    fn start(count: usize) -> anyhow::Result<Self> {
+        let mut loops = Self(Vec::new());
+        for _ in 0..count {
+            // SAFETY: the child runs only async-signal-safe code (a prctl
+            // syscall and a spin loop) and never returns into Rust.
+            match unsafe { libc::fork() } {
+                -1 => anyhow::bail!("bench --under-load: fork failed: {}", std::io::Error::last_os_error()),
+                0 => unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    loop {
+                        std::hint::spin_loop();
+                    }
+                },
+                pid => loops.0.push(pid),
+            }
+        }
+        Ok(loops)
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: plain syscalls on children this process started.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
 }
 
 fn median_run(runs: &[SpeedRun]) -> SpeedRun {
@@ -177,13 +251,6 @@ fn median_run(runs: &[SpeedRun]) -> SpeedRun {
         decode_seconds: median(|r| r.decode_seconds),
         ..runs[0].clone()
     }
-}
-
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).

@@ -84,13 +84,18 @@ impl Env {
         create_private_dir(&paths.data_dir)?;
         let log_guard = init_logging(&paths.data_dir);
         let config = Config::load(&paths.config_file)?;
-        // candle sizes its thread pools from this before the first model op;
-        // unset, it re-reads /proc/cpuinfo on every parallel op.
+        // candle sizes its thread pools from these before the first model op;
+        // unset, it re-reads /proc/cpuinfo on every parallel op. Its barrier
+        // pool (elementwise ops of a long prefill) gets no workers: it waits
+        // for every worker on every op, which stalls on a busy machine, so the
+        // engine's own pool (memlora::engine::set_max_threads) does that work.
         let threads = match config.engine.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        memlora::engine::set_max_threads(threads);
         let catalog = Catalog::load(Some(&paths.data_dir.join("models")))?;
         let cache = ModelCache::new(paths.models_dir.clone());
         Ok(Self { paths, config, catalog, cache, no_daemon: false, _log_guard: log_guard })

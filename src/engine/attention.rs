@@ -74,7 +74,7 @@ impl CustomOp3 for SingleTokenAttention {
         if len * heads * hd < PARALLEL_WORK {
             (0..heads).for_each(head);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(heads, |range| range.for_each(head));
+            super::pool::for_each_chunk(heads, 1, |range| range.for_each(head));
         }
         Ok((CpuStorage::F32(out), Shape::from((1, heads * hd))))
     }

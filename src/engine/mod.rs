@@ -9,6 +9,7 @@ mod embedder;
 mod error;
 mod lora;
 mod matrix;
+mod pool;
 mod quant;
 mod tokenizer;
 pub mod vision;
@@ -29,6 +30,7 @@ pub use decoder::{Decoder, Splice, TargetModule};
 pub use embedder::{cosine, Embedder};
 pub use error::{EngineError, Result};
 pub use lora::SlotId;
+pub use pool::{max_threads, set_max_threads};
 pub use tokenizer::{TextTokenizer, TokenTextStream};
 pub use weights::{Architecture, Checkpoint, DecoderConfig, RopeLayout, WeightFormat};
 

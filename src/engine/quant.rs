@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use half::f16;
 
 use super::error::Result;
+use super::pool::for_each_chunk;
 use crate::vector::{axpy, DisjointWrites};
 
 const BLOCK: usize = 32;
@@ -169,7 +170,7 @@ impl PackedMatrix {
         let (rows, cols) = (self.rows, self.cols);
         let mut out = vec![0f32; rows * cols];
         let out_ptr = DisjointWrites(out.as_mut_ptr());
-        parallel_rows(rows, 16, |range| {
+        for_each_chunk(rows, 16, |range| {
             for r in range {
                 // SAFETY: each row of `out` is written by exactly one task.
                 self.decode_row(r, unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * cols), cols) });
@@ -213,7 +214,7 @@ impl PackedMatrix {
         let out_ptrs: Vec<DisjointWrites> = jobs.iter_mut().map(|job| DisjointWrites(job.out.as_mut_ptr())).collect();
         let jobs: &[GemvJob] = jobs;
         let total = starts.last().copied().unwrap_or(0);
-        parallel_rows(total, 8, |range| {
+        for_each_chunk(total, 8, |range| {
             // The range may span several jobs: handle it job by job.
             let mut flat = range.start;
             while flat < range.end {
@@ -247,7 +248,7 @@ impl PackedMatrix {
         let tokens = x.len() / self.cols;
         let acts: Vec<QuantizedRow> = x.chunks_exact(self.cols).map(QuantizedRow::new).collect();
         let y_ptr = DisjointWrites(y.as_mut_ptr());
-        parallel_rows(self.rows.div_ceil(GROUP), 8, |range| {
+        for_each_chunk(self.rows.div_ceil(GROUP), 8, |range| {
             for g in range {
                 let first = g * GROUP;
                 let count = (self.rows - first).min(GROUP);
@@ -427,19 +428,6 @@ mod avx2 {
         _mm_storeu_ps(out.as_mut_ptr(), acc);
         out
     }
-}
-
-/// Runs `task` over `0..items` on candle's CPU thread pool, in chunks of at
-/// least `min_chunk` items.
-fn parallel_rows(items: usize, min_chunk: usize, task: impl Fn(std::ops::Range<usize>) + Sync) {
-    if items <= min_chunk {
-        task(0..items);
-        return;
-    }
-    let chunks = items.div_ceil(min_chunk);
-    candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
-        task(range.start * min_chunk..(range.end * min_chunk).min(items));
-    });
 }
 
 /// `x·Wᵀ` for activations `(tokens, cols)` as a candle op, so that it slots
