@@ -155,6 +155,10 @@ pub struct IngestSummary {
     /// Facts added because the update output for them was unusable.
     pub undecided: usize,
     pub skipped: usize,
+    /// Facts refused because the turns did not support them.
+    pub ungrounded: usize,
+    /// Model outputs the parser could not read at all.
+    pub unusable_outputs: usize,
     pub model_calls: usize,
     pub seconds: f64,
     pub memories: usize,
@@ -169,6 +173,8 @@ impl IngestSummary {
         self.unchanged += report.unchanged;
         self.undecided += report.undecided;
         self.skipped += report.skipped.len();
+        self.ungrounded += report.ungrounded;
+        self.unusable_outputs += report.unusable_outputs;
         self.model_calls += report.model_calls;
         for change in &report.changes {
             match change.kind {

@@ -146,11 +146,11 @@ fn data_dir_is_explicit(data_dir: &Path, dirs: &directories::ProjectDirs) -> boo
 impl Config {
     /// Defaults, then `user_file` if it exists, then `MEMLORA_*` variables.
     pub fn load(user_file: &Path) -> Result<Self, ConfigError> {
-        let invalid =
-            |path: &Path, e: config::ConfigError| ConfigError::Invalid { path: path.display().to_string(), message: e.to_string() };
+        let invalid = |message: String| ConfigError::Invalid { path: user_file.display().to_string(), message };
+        let user_text = read_user_file(user_file).map_err(invalid)?;
         let builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULT_CONFIG, config::FileFormat::Toml))
-            .add_source(config::File::from(user_file).format(config::FileFormat::Toml).required(false))
+            .add_source(config::File::from_str(&user_text, config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("MEMLORA")
                     .prefix_separator("_")
@@ -159,8 +159,8 @@ impl Config {
                     // MEMLORA_DATA_DIR and MEMLORA_MODELS_DIR are paths, not settings.
                     .keep_prefix(false),
             );
-        let built = builder.build().map_err(|e| invalid(user_file, e))?;
-        built.try_deserialize().map_err(|e| invalid(user_file, e))
+        let built = builder.build().map_err(|e| invalid(e.to_string()))?;
+        built.try_deserialize().map_err(|e| invalid(e.to_string()))
     }
 
     /// The embedded defaults alone (tests, and a fallback description of every key).
@@ -169,9 +169,73 @@ impl Config {
     }
 }
 
+/// The user's config file as TOML text ("" when there is none), refused when it cannot
+/// be read, is not UTF-8 or TOML, or sets a key the defaults do not have (a misspelt key
+/// would otherwise be ignored without a word).
+fn read_user_file(path: &Path) -> Result<String, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(format!("cannot read: {e}")),
+    };
+    let text =
+        String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let at = e.span().map_or(0, |span| span.start);
+        let line = text.as_bytes()[..at.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;
+        format!("not valid TOML at line {line}: {}", e.message().trim_end())
+    })?;
+    let defaults: toml::Table = DEFAULT_CONFIG.parse().expect("embedded config/default.toml is valid");
+    match unknown_key(&table, &defaults, "") {
+        Some(key) => Err(format!("unknown key `{key}` (config/default.toml lists every setting)")),
+        None => Ok(text),
+    }
+}
+
+/// Tables whose keys are the user's own (key bindings), checked where they are used.
+const FREE_FORM_TABLES: [&str; 1] = ["ui.keys"];
+
+/// The first key of `table` (dotted, after `prefix`) that `known` does not have.
+fn unknown_key(table: &toml::Table, known: &toml::Table, prefix: &str) -> Option<String> {
+    table.iter().find_map(|(key, value)| {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        if FREE_FORM_TABLES.contains(&path.as_str()) {
+            return None;
+        }
+        match (value, known.get(key)) {
+            (_, None) => Some(path),
+            (toml::Value::Table(inner), Some(toml::Value::Table(known_inner))) => unknown_key(inner, known_inner, &path),
+            _ => None,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unreadable_misspelt_and_non_utf8_files_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        for (content, says) in [
+            (&b"[engine]\nturbo = true\n"[..], "unknown key `engine.turbo`"),
+            (b"[memory.adapters]\nextrct = \"x\"\n", "unknown key `memory.adapters.extrct`"),
+            (b"[engine]\nweights = \"\xff\"\n", "not UTF-8 text (invalid byte at offset 20)"),
+            (b"[engine\n", "not valid TOML at line 1"),
+            (b"[engine]\nthreads = 1\nthreads = 2\n", "not valid TOML at line 3: duplicate key"),
+            (b"[engine]\nthreads = \"many\"\n", "engine.threads"),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            let message = Config::load(&file).unwrap_err().to_string();
+            assert!(message.starts_with(&format!("config {}: ", file.display())) && message.contains(says), "{message}");
+            assert_eq!(message.lines().count(), 1, "{message}");
+        }
+        // A directory where the file should be is not silently skipped.
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        assert!(Config::load(&file).unwrap_err().to_string().contains("cannot read"));
+    }
 
     #[test]
     fn defaults_parse() {

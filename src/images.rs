@@ -13,8 +13,14 @@ use sha2::{Digest, Sha256};
 /// Largest side kept after decoding: the models look at 512 × 512 and a preview never needs
 /// more, so a 50-megapixel photo costs no more than this.
 pub const MAX_SIDE: u32 = 2048;
-/// Most bytes a decoder may allocate (a corrupt header cannot ask for gigabytes).
+/// Most bytes a decoded image may take: a header is checked against this before
+/// anything is allocated, so a 1 KB file that claims 100000 × 100000 pixels is refused
+/// instead of asking for 30 GB.
 const MAX_DECODE_BYTES: u64 = 256 << 20;
+/// Largest side a file may declare (a 16384-pixel panorama still decodes).
+const MAX_DECODE_SIDE: u32 = 16_384;
+/// Largest image file read (the whole file is read before decoding).
+const MAX_FILE_BYTES: u64 = 64 << 20;
 /// Where copies live, inside the data dir.
 pub const IMAGES_DIR: &str = "images";
 
@@ -24,6 +30,8 @@ pub enum ImageError {
     Unreadable { path: PathBuf, message: String },
     #[error("{path}: not an image in a supported format (png, jpeg, gif, webp, bmp)")]
     Unsupported { path: PathBuf },
+    #[error("{path}: the image is {what}; memlora reads at most {limit}")]
+    TooLarge { path: PathBuf, what: String, limit: &'static str },
     #[error("{path}: cannot store a copy: {message}")]
     Store { path: PathBuf, message: String },
 }
@@ -31,7 +39,13 @@ pub enum ImageError {
 /// Reads and decodes `path` (the format from its content, not its name), turned upright,
 /// shrunk to at most [`MAX_SIDE`] pixels a side.
 pub fn load(path: &Path) -> Result<DynamicImage, ImageError> {
-    let unreadable = |message: String| ImageError::Unreadable { path: path.to_owned(), message };
+    // Decoders' messages can run over several lines; the first says what is wrong.
+    let unreadable =
+        |message: String| ImageError::Unreadable { path: path.to_owned(), message: message.lines().next().unwrap_or_default().trim_end().to_owned() };
+    let size = fs::metadata(path).map_err(|e| unreadable(format!("cannot read: {e}")))?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(ImageError::TooLarge { path: path.to_owned(), what: format!("{} MB on disk", size >> 20), limit: "64 MB" });
+    }
     let bytes = fs::read(path).map_err(|e| unreadable(format!("cannot read: {e}")))?;
     if bytes.is_empty() {
         return Err(unreadable("the file is empty".into()));
@@ -44,7 +58,15 @@ pub fn load(path: &Path) -> Result<DynamicImage, ImageError> {
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| unreadable(e.to_string()))?;
+    let mut decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => too_large(path, None),
+        other => unreadable(other.to_string()),
+    })?;
+    // Decoders do not check the buffer they are about to fill against `max_alloc`.
+    let (width, height) = decoder.dimensions();
+    if width > MAX_DECODE_SIDE || height > MAX_DECODE_SIDE || decoder.total_bytes() > MAX_DECODE_BYTES {
+        return Err(too_large(path, Some((width, height, decoder.total_bytes()))));
+    }
     // Phones store photos sideways and say so in EXIF; people expect them upright.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| unreadable(e.to_string()))?;
@@ -53,6 +75,15 @@ pub fn load(path: &Path) -> Result<DynamicImage, ImageError> {
         return Err(unreadable("the image has no pixels".into()));
     }
     Ok(if image.width() > MAX_SIDE || image.height() > MAX_SIDE { image.thumbnail(MAX_SIDE, MAX_SIDE) } else { image })
+}
+
+/// The refusal of an image whose header asks for more than memlora decodes.
+fn too_large(path: &Path, declared: Option<(u32, u32, u64)>) -> ImageError {
+    let what = match declared {
+        Some((width, height, bytes)) => format!("{width} × {height} pixels ({} MB decoded)", bytes >> 20),
+        None => "too large to decode".to_owned(),
+    };
+    ImageError::TooLarge { path: path.to_owned(), what, limit: "16384 pixels a side and 256 MB decoded" }
 }
 
 fn supported(format: ImageFormat) -> bool {
@@ -147,6 +178,49 @@ mod tests {
         assert!(matches!(load(&tiff), Err(ImageError::Unsupported { .. })));
         // Nothing was stored for any of them.
         assert!(store(dir.path(), &cut).is_err());
+        assert!(!dir.path().join(IMAGES_DIR).exists());
+    }
+
+    /// A PNG of a few bytes whose header declares `width` × `height` RGB pixels.
+    fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+        fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+            let mut crc = crc32(kind, 0xffff_ffff);
+            crc = crc32(data, crc) ^ 0xffff_ffff;
+            [&(data.len() as u32).to_be_bytes()[..], kind, data, &crc.to_be_bytes()].concat()
+        }
+        fn crc32(bytes: &[u8], mut crc: u32) -> u32 {
+            for &b in bytes {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                }
+            }
+            crc
+        }
+        let header = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
+        // A stored (uncompressed) zlib stream of one empty row: far too little data.
+        let idat = [0x78, 0x01, 0x01, 0x01, 0x00, 0xfe, 0xff, 0x00, 0x00, 0x01, 0x00, 0x01];
+        [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &header), &chunk(b"IDAT", &idat), &chunk(b"IEND", &[])].concat()
+    }
+
+    #[test]
+    fn images_declaring_absurd_sizes_are_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        for (width, height, says) in
+            [(100_000, 100_000, "100000 × 100000 pixels"), (16_000, 16_000, "16000 × 16000 pixels"), (1, 2_000_000_000, "1 × 2000000000 pixels")]
+        {
+            let path = dir.path().join(format!("{width}x{height}.png"));
+            fs::write(&path, png_declaring(width, height)).unwrap();
+            let error = load(&path).unwrap_err();
+            let message = error.to_string();
+            assert!(matches!(error, ImageError::TooLarge { .. }), "{message}");
+            assert!(message.starts_with(&format!("{}: the image is ", path.display())) && message.contains(says), "{message}");
+            assert!(store(dir.path(), &path).is_err());
+        }
+        // A real image under the limits still decodes after the refusals.
+        let small = dir.path().join("small.png");
+        fs::write(&small, encoded(&DynamicImage::new_rgb8(3, 2), ImageFormat::Png)).unwrap();
+        assert_eq!(load(&small).unwrap().width(), 3);
         assert!(!dir.path().join(IMAGES_DIR).exists());
     }
 

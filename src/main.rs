@@ -69,8 +69,20 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: the chain of causes, outermost first. (Some library
-            // errors append a backtrace on later lines.)
-            let message = e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().to_string()).collect::<Vec<_>>().join(": ");
+            // errors append a backtrace on later lines; many already end with
+            // their cause's text, which is not repeated.)
+            let mut message = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                let text = text.lines().next().unwrap_or_default();
+                if message.ends_with(text) {
+                    continue;
+                }
+                if !message.is_empty() {
+                    message.push_str(": ");
+                }
+                message.push_str(text);
+            }
             eprintln!("memlora: {message}");
             ExitCode::FAILURE
         }

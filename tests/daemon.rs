@@ -260,7 +260,8 @@ fn a_client_killed_mid_answer_leaves_the_daemon_serving() {
 
     let mut client = Client::connect(d);
     client.send(json!({"id": "after", "type": "remember", "text": "a kitten sat on the report"}));
-    assert_eq!(client.response("after")["ok"], true);
+    let after = client.response("after");
+    assert_eq!(after["ok"], true, "{after}");
     client.send(json!({"id": "all", "type": "memories"}));
     let memories = client.response("all");
     assert!(memories["memories"].as_array().unwrap().iter().any(|m| m["text"] == "a kitten sat on the report"));
@@ -450,4 +451,67 @@ fn images_and_adapter_merges_go_through_the_daemon() {
     let merged = json_of(d, &["adapters", "merge", "--json", "--into", "both", "style", "tone"]);
     assert_eq!(merged["admission"]["adapter"]["name"], "both", "{merged}");
     daemon.stop();
+}
+
+#[test]
+fn hostile_requests_fail_alone_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vision_model = common::write_tiny_smolvlm(&d.join("tiny-vlm"), 4);
+    let model = tiny_model(d);
+    let mut command = memlora_command(d);
+    command
+        .args(["serve", "--model", model.to_str().unwrap()])
+        .env("MEMLORA_GENERATION__MAX_TOKENS", "4")
+        .env("MEMLORA_VISION__MODEL", &vision_model);
+    let daemon = Daemon::spawn(d, command);
+    let mut client = Client::connect(d);
+    client.send(json!({"id": "before", "type": "remember", "text": "My sister lives in Porto."}));
+    assert_eq!(client.response("before")["ok"], true);
+
+    let hostile = d.join("hostile");
+    std::fs::create_dir_all(&hostile).unwrap();
+    let huge_png = hostile.join("huge.png");
+    std::fs::copy(common::malformed("png-100000x100000.png"), &huge_png).unwrap();
+    let garbage = hostile.join("garbage.json");
+    std::fs::write(&garbage, vec![b'{'; 4096]).unwrap();
+    let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
+    let requests = [
+        (json!({"id": "image", "type": "ask", "text": "What is this?", "image": huge_png, "remember": false}), "100000 × 100000 pixels"),
+        (json!({"id": "attached", "type": "image", "path": huge_png}), "100000 × 100000 pixels"),
+        (json!({"id": "zero", "type": "ingest", "path": "/dev/zero"}), "/dev/zero"),
+        (json!({"id": "dir", "type": "ingest", "path": hostile}), "hostile"),
+        (json!({"id": "json", "type": "ingest", "path": garbage}), "garbage.json"),
+        (json!({"id": "deep", "type": "ask", "text": deep, "remember": false}), "shorten the message"),
+        (json!({"id": "merge", "type": "merge_adapters", "into": "x", "adapters": ["none-such"]}), "no adapter named 'none-such'"),
+        (json!({"id": "edit", "type": "edit", "memory_id": u64::MAX, "text": "x"}), "no memory with id"),
+        (json!({"id": "search", "type": "search", "query": "Porto", "top_k": usize::MAX}), ""),
+    ];
+    for (request, says) in &requests {
+        let id = request["id"].as_str().unwrap();
+        client.send(request.clone());
+        let response = client.response(id);
+        if says.is_empty() {
+            // Absurd but well-formed: served (a search capped by the store's size).
+            assert_eq!(response["ok"], true, "{id}: {response}");
+            continue;
+        }
+        assert_eq!(response["ok"], false, "{id}: {response}");
+        let error = response["error"].as_str().unwrap();
+        assert_eq!(error.lines().count(), 1, "{id}: {error}");
+        assert!(error.contains(says), "{id}: {error}");
+    }
+    // Bytes that are not a request at all end only that connection.
+    let mut rude = Client::connect(d);
+    rude.send_raw(format!("{}\n", "[".repeat(100_000)).as_bytes());
+    assert_eq!(rude.line().unwrap()["ok"], false);
+
+    client.send(json!({"id": "after", "type": "remember", "text": "My brother lives in Lyon."}));
+    let after = client.response("after");
+    assert_eq!(after["ok"], true, "{after}");
+    client.send(json!({"id": "list", "type": "memories"}));
+    let listed = client.response("list");
+    assert_eq!(listed["memories"].as_array().map(Vec::len), Some(2), "{listed}");
+    daemon.stop();
+    assert_store_verifies(d);
 }

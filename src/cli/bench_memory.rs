@@ -75,14 +75,16 @@ pub fn memory(env: &Env, model: Option<&str>, args: &MemoryBenchArgs, as_json: b
     );
     println!("ingest           {:.2} turns/s, {:.1} s in all", turns_per_second, summary.seconds);
     println!(
-        "pipeline         {} facts, +{} added, {} updated, {} deleted, {} known, {} skipped, {} model calls, {} memories",
+        "pipeline         {} facts, +{} added, {} updated, {} deleted, {} known, {} skipped ({} ungrounded), {} model calls ({} unusable outputs), {} memories",
         summary.facts,
         summary.added,
         summary.updated,
         summary.deleted,
         summary.unchanged,
         summary.skipped,
+        summary.ungrounded,
         summary.model_calls,
+        summary.unusable_outputs,
         summary.memories
     );
     Ok(())

@@ -44,7 +44,11 @@ impl Embedder {
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| EngineError::MissingTokenizer { path: tokenizer_path.clone(), message: e.to_string() })?;
         tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams { max_length: MAX_TOKENS, ..Default::default() }))
+            // Never past the model's position table (a small encoder may have fewer).
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: MAX_TOKENS.min(config.max_position_embeddings),
+                ..Default::default()
+            }))
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         tokenizer
             .with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::BatchLongest, ..Default::default() }));

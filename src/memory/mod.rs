@@ -461,7 +461,9 @@ impl MemoryStore {
         if query.top_k == 0 || self.state.len() == 0 {
             return Ok(Vec::new());
         }
-        let candidates = query.top_k.saturating_mul(4).max(MIN_CANDIDATES);
+        // Never more candidates than memories: a caller's top_k may be absurd, and
+        // tantivy sizes its heap by it.
+        let candidates = query.top_k.saturating_mul(4).max(MIN_CANDIDATES).min(self.state.len());
         let bm25 = self.index.search(&query.text, &query.filter, candidates)?;
         let vector = match &query.embedding {
             Some(embedding) => {

@@ -85,6 +85,25 @@ pub enum Request {
     Status,
 }
 
+impl Request {
+    /// The request's `type`, as the protocol spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Ask { .. } => "ask",
+            Request::Remember { .. } => "remember",
+            Request::Search { .. } => "search",
+            Request::Forget { .. } => "forget",
+            Request::Edit { .. } => "edit",
+            Request::Undo => "undo",
+            Request::Memories => "memories",
+            Request::Ingest { .. } => "ingest",
+            Request::Adapters => "adapters",
+            Request::MergeAdapters(_) => "merge_adapters",
+            Request::Status => "status",
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -355,8 +374,28 @@ impl Worker {
         };
         if cancel.is_cancelled() {
             send(Event::Error { message: "cancelled before it started".into() });
-        } else if let Err(message) = self.handle(request, &send, &cancel) {
-            send(Event::Error { message });
+        } else {
+            let kind = request.kind();
+            // A bug reached by one request must not end the worker that every front end
+            // (and every daemon client) shares: it becomes that request's error. The
+            // stores write whole records or nothing, so memory stays consistent.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(request, &send, &cancel)));
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(message)) => Some(message),
+                Err(payload) => {
+                    let what = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(request = kind, panic = %what, "a request failed inside the worker");
+                    Some(format!("internal error while serving a {kind} request: {what}"))
+                }
+            };
+            if let Some(message) = failure {
+                send(Event::Error { message });
+            }
         }
         send(Event::Done);
     }

@@ -134,7 +134,7 @@ pub struct Response {
 
 impl Response {
     pub fn new(id: Value, request: &Request) -> Response {
-        let kind = serde_json::to_value(request).ok().and_then(|v| v.get("type").cloned()).unwrap_or(Value::Null);
+        let kind = Value::from(request.kind());
         let mut fields = Map::new();
         fields.insert("id".into(), id);
         fields.insert("type".into(), kind);

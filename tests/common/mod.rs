@@ -444,3 +444,8 @@ pub fn write_tiny_smolvlm(dir: &Path, seed: u64) -> PathBuf {
     memlora::engine::vision::write_random_checkpoint(dir, &memlora::engine::vision::SmolVlmShape::TINY, seed).unwrap();
     dir.to_path_buf()
 }
+
+/// A file of the malformed-input corpus (`tests/corpus/malformed/`).
+pub fn malformed(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/malformed").join(name)
+}
