@@ -64,6 +64,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Everything memlora writes is the user's alone (memories, logs, the search index,
+    // exports), whatever umask the shell has: files 0600, directories 0700.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,

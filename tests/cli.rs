@@ -553,3 +553,65 @@ fn a_new_data_dir_gets_the_bundled_experts_bound_once_and_other_models_run_witho
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["adapters"].as_object().map(|a| a.len()), Some(0), "{answer}");
 }
+
+#[test]
+fn every_file_of_a_session_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let model = TinyModel::random(TinySpec::llama(), 25).write_gguf(&dir.path().join("tiny.gguf"), GgmlDType::Q8_0);
+    let model = model.to_str().unwrap();
+    let adapter = dir.path().join("style");
+    let config = memlora::engine::ChatModel::load(Path::new(model), &memlora::engine::LoadOptions::default()).unwrap().decoder_config().clone();
+    memlora::adapters::LoraAdapter::random(&config, 4, 8.0, &[memlora::engine::TargetModule::Q], 0.1, 3).unwrap().save(&adapter).unwrap();
+    let transcript = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-transcript.txt");
+    let export = d.join("export.jsonl");
+    let session: [&[&str]; 9] = [
+        &["memory", "add", "My sister lives in Porto."],
+        &["memory", "search", "Porto"],
+        &["ask", "--model", model, "I adopted a beagle named Biscuit."],
+        &["ingest", "--model", model, "--sessions", "1", transcript.to_str().unwrap()],
+        &["adapters", "import", adapter.to_str().unwrap()],
+        &["adapters", "list"],
+        &["memory", "export", "--out", export.to_str().unwrap()],
+        &["memory", "forget", "1"],
+        &["memory", "undo"],
+    ];
+    for args in session {
+        let mut command = common::memlora_command(&d);
+        command.args(args).env("MEMLORA_GENERATION__MAX_TOKENS", "4");
+        // SAFETY: umask is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::umask(0o022);
+                Ok(())
+            });
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", common::stderr(&out));
+    }
+    let tiny_bert = d.join("tiny-bert");
+    let mut pending = vec![d.clone()];
+    let mut checked = 0;
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            // The tiny embedder is written by the test itself, not by memlora.
+            if path.starts_with(&tiny_bert) {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o700, "{}", path.display());
+                pending.push(path);
+            } else {
+                assert_eq!(mode, 0o600, "{}", path.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} files and directories");
+    assert!(export.is_file() && d.join("memory/index").is_dir() && d.join("logs").is_dir());
+}
