@@ -591,27 +591,14 @@ fn every_file_of_a_session_is_private_whatever_the_umask() {
         let out = command.output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", common::stderr(&out));
     }
+    // The tiny embedder is written by the test itself, not by memlora.
     let tiny_bert = d.join("tiny-bert");
-    let mut pending = vec![d.clone()];
-    let mut checked = 0;
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            // The tiny embedder is written by the test itself, not by memlora.
-            if path.starts_with(&tiny_bert) {
-                continue;
-            }
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            let mode = meta.permissions().mode() & 0o777;
-            if meta.is_dir() {
-                assert_eq!(mode, 0o700, "{}", path.display());
-                pending.push(path);
-            } else {
-                assert_eq!(mode, 0o600, "{}", path.display());
-            }
-            checked += 1;
-        }
+    let entries: Vec<_> = common::entries_under(&d).into_iter().filter(|(path, _)| !path.starts_with(&tiny_bert)).collect();
+    for (path, meta) in &entries {
+        let expected = if meta.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(meta.permissions().mode() & 0o777, expected, "{}", path.display());
     }
+    let checked = entries.len();
     assert!(checked > 20, "only {checked} files and directories");
     assert!(export.is_file() && d.join("memory/index").is_dir() && d.join("logs").is_dir());
 }

@@ -32,6 +32,18 @@ impl Daemon {
         Daemon::spawn(dir, command)
     }
 
+    /// A daemon with a tiny model (4-token answers) and a tiny vision model.
+    fn start_with_vision(dir: &Path) -> Daemon {
+        let vision_model = common::write_tiny_smolvlm(&dir.join("tiny-vlm"), 4);
+        let model = tiny_model(dir);
+        let mut command = memlora_command(dir);
+        command
+            .args(["serve", "--model", model.to_str().unwrap()])
+            .env("MEMLORA_GENERATION__MAX_TOKENS", "4")
+            .env("MEMLORA_VISION__MODEL", &vision_model);
+        Daemon::spawn(dir, command)
+    }
+
     /// Starts `command` (a `serve`) and waits until it answers.
     fn spawn(dir: &Path, mut command: Command) -> Daemon {
         let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
@@ -419,14 +431,7 @@ fn the_real_model_answers_through_the_daemon_from_another_clients_memory() {
 fn images_and_adapter_merges_go_through_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let vision_model = common::write_tiny_smolvlm(&d.join("tiny-vlm"), 4);
-    let model = tiny_model(d);
-    let mut command = memlora_command(d);
-    command
-        .args(["serve", "--model", model.to_str().unwrap()])
-        .env("MEMLORA_GENERATION__MAX_TOKENS", "4")
-        .env("MEMLORA_VISION__MODEL", &vision_model);
-    let daemon = Daemon::spawn(d, command);
+    let daemon = Daemon::start_with_vision(d);
 
     // An image asked about from another directory: the daemon reads it by its absolute path.
     let photos = d.join("photos");
@@ -439,7 +444,7 @@ fn images_and_adapter_merges_go_through_the_daemon() {
     assert!(answer["looked_at"]["path"].as_str().unwrap().starts_with(d.join("images").to_str().unwrap()));
 
     // A merge is the daemon's job.
-    let config = memlora::engine::ChatModel::load(&model, &memlora::engine::LoadOptions::default()).unwrap().decoder_config().clone();
+    let config = memlora::engine::ChatModel::load(&tiny_model(d), &memlora::engine::LoadOptions::default()).unwrap().decoder_config().clone();
     for (name, seed) in [("style", 1), ("tone", 2)] {
         let path = d.join("incoming").join(name);
         memlora::adapters::LoraAdapter::random(&config, 4, 8.0, &[memlora::engine::TargetModule::Q], 0.5, seed)
@@ -457,14 +462,7 @@ fn images_and_adapter_merges_go_through_the_daemon() {
 fn hostile_requests_fail_alone_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let vision_model = common::write_tiny_smolvlm(&d.join("tiny-vlm"), 4);
-    let model = tiny_model(d);
-    let mut command = memlora_command(d);
-    command
-        .args(["serve", "--model", model.to_str().unwrap()])
-        .env("MEMLORA_GENERATION__MAX_TOKENS", "4")
-        .env("MEMLORA_VISION__MODEL", &vision_model);
-    let daemon = Daemon::spawn(d, command);
+    let daemon = Daemon::start_with_vision(d);
     let mut client = Client::connect(d);
     client.send(json!({"id": "before", "type": "remember", "text": "My sister lives in Porto."}));
     assert_eq!(client.response("before")["ok"], true);

@@ -31,20 +31,11 @@ fn cases() -> Vec<(String, String)> {
 
 /// Every file below `dir` with its size and modification time, to see that nothing changed.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
-    let mut files = BTreeMap::new();
-    let mut pending = vec![dir.to_owned()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else {
-                files.insert(entry.path(), (meta.len(), meta.modified().unwrap()));
-            }
-        }
-    }
-    files
+    common::entries_under(dir)
+        .into_iter()
+        .filter(|(_, meta)| !meta.is_dir())
+        .map(|(path, meta)| (path, (meta.len(), meta.modified().unwrap())))
+        .collect()
 }
 
 #[test]

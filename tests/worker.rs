@@ -313,3 +313,25 @@ fn a_merge_into_a_bound_adapter_is_attached_before_the_next_request() {
     assert_ne!(before, expected, "the merge must change the answer for this test to mean anything");
     assert_eq!(after, expected);
 }
+
+#[test]
+fn a_request_names_its_kind_as_the_protocol_spells_its_type() {
+    let lines = [
+        serde_json::json!({"type": "ask", "text": "hi"}),
+        serde_json::json!({"type": "remember", "text": "hi"}),
+        serde_json::json!({"type": "search", "query": "hi"}),
+        serde_json::json!({"type": "forget", "memory_id": 1}),
+        serde_json::json!({"type": "edit", "memory_id": 1, "text": "hi"}),
+        serde_json::json!({"type": "undo"}),
+        serde_json::json!({"type": "memories"}),
+        serde_json::json!({"type": "ingest", "path": "talk.txt"}),
+        serde_json::json!({"type": "adapters"}),
+        serde_json::json!({"type": "merge_adapters", "adapters": ["a"], "into": "b"}),
+        serde_json::json!({"type": "status"}),
+    ];
+    for line in lines {
+        let request: Request = serde_json::from_value(line.clone()).unwrap();
+        assert_eq!(line["type"], request.kind(), "{line}");
+        assert_eq!(serde_json::to_value(&request).unwrap()["type"], request.kind());
+    }
+}

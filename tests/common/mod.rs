@@ -449,3 +449,20 @@ pub fn write_tiny_smolvlm(dir: &Path, seed: u64) -> PathBuf {
 pub fn malformed(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/malformed").join(name)
 }
+
+/// Every file and directory below `dir` (not `dir` itself), with its metadata
+/// (symlinks not followed).
+pub fn entries_under(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+            found.push((entry.path(), meta));
+        }
+    }
+    found
+}
