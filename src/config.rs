@@ -139,6 +139,40 @@ impl Paths {
     }
 }
 
+/// Refuses a data dir holding a symlink that leads outside it: memlora writes memories,
+/// adapters and logs through those paths, and private data written through such a link
+/// would land (or overwrite a file) where the user did not put their profile. A data dir
+/// that is itself a link is fine; its target is the profile.
+pub fn check_data_dir_links(data_dir: &Path) -> Result<(), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { path: data_dir.display().to_string(), message };
+    let root = std::fs::canonicalize(data_dir).map_err(|e| invalid(format!("cannot resolve the data dir: {e}")))?;
+    let mut pending = vec![root.clone()];
+    while let Some(dir) = pending.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|e| invalid(format!("cannot read {}: {e}", dir.display())))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&path).unwrap_or_default();
+                // A dangling link is judged by where it points, as a write would follow it.
+                let resolved = std::fs::canonicalize(&path).unwrap_or_else(|_| dir.join(&target));
+                if !resolved.starts_with(&root) || resolved.components().any(|c| c == std::path::Component::ParentDir) {
+                    return Err(ConfigError::Invalid {
+                        path: path.display().to_string(),
+                        message: format!(
+                            "a symlink to {}, outside the data dir; memlora keeps private data only inside it (move the whole data dir instead, with --data-dir or MEMLORA_DATA_DIR)",
+                            target.display()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn data_dir_is_explicit(data_dir: &Path, dirs: &directories::ProjectDirs) -> bool {
     data_dir != dirs.data_dir()
 }
@@ -146,8 +180,19 @@ fn data_dir_is_explicit(data_dir: &Path, dirs: &directories::ProjectDirs) -> boo
 impl Config {
     /// Defaults, then `user_file` if it exists, then `MEMLORA_*` variables.
     pub fn load(user_file: &Path) -> Result<Self, ConfigError> {
+        let bytes = match std::fs::read(user_file) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(ConfigError::Invalid { path: user_file.display().to_string(), message: format!("cannot read: {e}") }),
+        };
+        Self::from_user_bytes(&bytes, user_file)
+    }
+
+    /// Defaults, then the bytes of the user's config file (named `user_file` in errors),
+    /// then `MEMLORA_*` variables.
+    pub fn from_user_bytes(bytes: &[u8], user_file: &Path) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { path: user_file.display().to_string(), message };
-        let user_text = read_user_file(user_file).map_err(invalid)?;
+        let user_text = check_user_text(bytes).map_err(invalid)?;
         let builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULT_CONFIG, config::FileFormat::Toml))
             .add_source(config::File::from_str(&user_text, config::FileFormat::Toml))
@@ -169,17 +214,11 @@ impl Config {
     }
 }
 
-/// The user's config file as TOML text ("" when there is none), refused when it cannot
-/// be read, is not UTF-8 or TOML, or sets a key the defaults do not have (a misspelt key
-/// would otherwise be ignored without a word).
-fn read_user_file(path: &Path) -> Result<String, String> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
-        Err(e) => return Err(format!("cannot read: {e}")),
-    };
-    let text =
-        String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))?;
+/// The user's config file as TOML text, refused when it is not UTF-8 or TOML, or sets a
+/// key the defaults do not have (a misspelt key would otherwise be ignored without a word).
+fn check_user_text(bytes: &[u8]) -> Result<String, String> {
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|e| format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let at = e.span().map_or(0, |span| span.start);
         let line = text.as_bytes()[..at.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;

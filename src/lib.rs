@@ -8,6 +8,8 @@ pub mod config;
 pub mod daemon;
 pub mod distill;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod eval;
 pub mod images;
 pub mod memory;

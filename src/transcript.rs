@@ -506,7 +506,8 @@ fn strip_bom(bytes: &[u8]) -> &[u8] {
     bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
 }
 
-fn parse_locomo(bytes: &[u8], path: &Path) -> Result<Vec<Conversation>, TranscriptError> {
+/// Parses the bytes of a LoCoMo file named `path` (errors name it).
+pub fn parse_locomo(bytes: &[u8], path: &Path) -> Result<Vec<Conversation>, TranscriptError> {
     let value: Value =
         serde_json::from_slice(strip_bom(bytes)).map_err(|source| TranscriptError::NotJson { path: path.to_path_buf(), source })?;
     locomo_conversations(value).map_err(|message| TranscriptError::Invalid { path: path.to_path_buf(), message })
@@ -822,7 +823,8 @@ struct TextSession {
     turns: Vec<(String, String)>,
 }
 
-fn parse_text(bytes: &[u8], path: &Path, id: &str) -> Result<Conversation, TranscriptError> {
+/// Parses the bytes of a plain transcript named `path` as one conversation named `id`.
+pub fn parse_text(bytes: &[u8], path: &Path, id: &str) -> Result<Conversation, TranscriptError> {
     let body = strip_bom(bytes);
     let bom_length = bytes.len() - body.len();
     let text = std::str::from_utf8(body)

@@ -107,3 +107,126 @@ fn every_malformed_input_gets_one_line_naming_it_and_changes_nothing() {
     store.verify().unwrap();
     assert_eq!(store.len(), 1);
 }
+
+/// A profile with two memories, and what `memory list --json` says of it.
+fn profile_with_memories(data: &Path) -> serde_json::Value {
+    for text in ["My sister lives in Porto.", "I work as a nurse in Leeds."] {
+        let out = memlora_command(data).args(["memory", "add", text]).output().unwrap();
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    }
+    common::json_of(data, &["memory", "list", "--json"])
+}
+
+/// The memories are what they were, and the index agrees with the log.
+fn assert_memories_unchanged(data: &Path, listed: &serde_json::Value) {
+    assert_eq!(&common::json_of(data, &["memory", "list", "--json"]), listed, "the memories changed");
+    let embedder = Embedder::load(&data.join("tiny-bert")).unwrap();
+    MemoryStore::open(data, embedder.dimension()).unwrap().verify().unwrap();
+}
+
+#[test]
+fn a_symlink_out_of_the_data_dir_is_refused_before_anything_is_written() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let listed = profile_with_memories(&data);
+    let outside = scratch.path().join("elsewhere");
+    std::fs::create_dir(&outside).unwrap();
+    // Adapters written through this link would land outside the private profile.
+    let link = data.join("adapters");
+    let _ = std::fs::remove_dir_all(&link);
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let before = snapshot(&data);
+    for args in [&["memory", "add", "I have a cat."][..], &["memory", "list"], &["adapters", "list"]] {
+        let out = memlora_command(&data).args(args).output().unwrap();
+        assert_one_line_error(&out, &[link.to_str().unwrap(), "outside the data dir"]);
+    }
+    assert_eq!(snapshot(&data), before, "the data dir changed");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "something was written through the link");
+    // A link that stays inside the profile is fine, and so is a data dir that is a link.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(data.join("memory"), data.join("memories-shortcut")).unwrap();
+    let linked_profile = scratch.path().join("profile-link");
+    std::os::unix::fs::symlink(&data, &linked_profile).unwrap();
+    let out = memlora_command(&linked_profile).args(["memory", "list"]).output().unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    std::fs::remove_file(data.join("memories-shortcut")).unwrap();
+    assert_memories_unchanged(&data, &listed);
+}
+
+/// `memlora ARGS` on `data` mounted read-only in a private mount namespace.
+fn on_read_only_data_dir(data: &Path, args: &[&str]) -> std::process::Output {
+    let memlora = memlora_command(data);
+    let mut command = std::process::Command::new("unshare");
+    command.args(["-rm", "--", "sh", "-c", r#"mount --bind -o ro "$1" "$1" && shift && exec "$@""#, "sh"]).arg(data);
+    command.arg(memlora.get_program()).args(memlora.get_args());
+    for (key, value) in memlora.get_envs() {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    command.args(args).output().expect("unshare runs (util-linux)")
+}
+
+#[test]
+fn a_read_only_data_dir_gets_one_line_and_stays_as_it_was() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let listed = profile_with_memories(&data);
+    let export = scratch.path().join("export.jsonl");
+    let out = memlora_command(&data).args(["memory", "export", "--out", export.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let before = snapshot(&data);
+    // The store takes a write lock even to read, so every command that opens it says why
+    // it cannot (a half-read, half-written profile would be worse).
+    let commands = [&["memory", "list"][..], &["memory", "add", "I have a cat."], &["memory", "forget", "1"], &["memory", "import", export.to_str().unwrap()]];
+    for args in commands {
+        let out = on_read_only_data_dir(&data, args);
+        assert_one_line_error(&out, &[data.to_str().unwrap(), "Read-only file system"]);
+    }
+    assert_eq!(snapshot(&data), before, "the data dir changed");
+    assert_memories_unchanged(&data, &listed);
+}
+
+#[test]
+fn a_full_disk_fails_the_change_in_one_line_and_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let listed = profile_with_memories(&data);
+    let count = listed.as_array().unwrap().len();
+    // RLIMIT_FSIZE makes every write past the limit fail with EFBIG, as a full disk fails
+    // with ENOSPC; SIGXFSZ is ignored so that the write returns the error instead of
+    // killing the process. Limits from nothing at all to room for a few files.
+    let mut added = 0;
+    for limit in [0u64, 64, 512, 4096, 32 * 1024, 256 * 1024] {
+        let mut command = memlora_command(&data);
+        command.args(["memory", "add", &format!("Limit {limit}: my locker code is 4471.")]);
+        // SAFETY: only async-signal-safe calls (setrlimit, signal) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let out = command.output().unwrap();
+        if out.status.success() {
+            added += 1;
+        } else {
+            assert_one_line_error(&out, &[&data.display().to_string(), "File too large"]);
+        }
+        // Whatever happened, the next start sees a consistent store: the memory is
+        // either all there or not there at all.
+        let now = common::json_of(&data, &["memory", "list", "--json"]);
+        assert_eq!(now.as_array().unwrap().len(), count + added, "limit {limit}: {now}");
+        let embedder = Embedder::load(&data.join("tiny-bert")).unwrap();
+        MemoryStore::open(&data, embedder.dimension()).unwrap().verify().unwrap();
+    }
+    assert!(added < 6, "no limit was small enough to fail a write");
+    let now = common::json_of(&data, &["memory", "list", "--json"]);
+    assert_eq!(now.as_array().unwrap()[..count], listed.as_array().unwrap()[..], "the old memories changed");
+}

@@ -787,7 +787,7 @@ impl Compat {
 
     fn check(&self, p: &Prepared) -> Result<()> {
         if let (Some((first, first_adapter)), Some(other)) = (&self.base, &p.config.base_model_name_or_path) {
-            if first != other {
+            if !super::peft::same_base_model(first, other) {
                 return Err(MergeError::BaseModel {
                     first: first.clone(),
                     first_adapter: first_adapter.clone(),

@@ -14,6 +14,14 @@ use crate::engine::TargetModule;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
+/// Whether two `base_model_name_or_path` values name the same model: memlora names a
+/// model by its catalog name (`smollm2-135m-instruct`), exports by its hub id
+/// (`HuggingFaceTB/SmolLM2-135M-Instruct`), and other tools by a hub id or a local path.
+pub fn same_base_model(a: &str, b: &str) -> bool {
+    let short = |s: &str| s.trim_end_matches('/').rsplit('/').next().unwrap_or(s).to_lowercase();
+    short(a) == short(b)
+}
+
 /// The fields of PEFT's `LoraConfig` that memlora reads and writes; others
 /// are kept so that a re-exported adapter loses nothing.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -185,25 +193,33 @@ impl LoraAdapter {
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = if path.is_file() { path.to_path_buf() } else { dir.join(WEIGHTS_FILE) };
         let bad = |path: &Path, message: String| AdapterError::Invalid { path: path.to_path_buf(), message };
-        let text = std::fs::read_to_string(&config_path).map_err(|e| bad(&config_path, e.to_string()))?;
-        let config: PeftConfig = serde_json::from_str(&text).map_err(|e| bad(&config_path, format!("invalid adapter config: {e}")))?;
+        let config = std::fs::read(&config_path).map_err(|e| bad(&config_path, e.to_string()))?;
+        let weights = std::fs::read(&weights_path).map_err(|e| bad(&weights_path, e.to_string()))?;
+        Self::from_bytes(&config, &config_path, &weights, &weights_path)
+    }
+
+    /// An adapter from the bytes of its `adapter_config.json` and `adapter_model.safetensors`
+    /// (named by the two paths in errors), with the checks of [`LoraAdapter::load`].
+    pub fn from_bytes(config: &[u8], config_path: &Path, weights: &[u8], weights_path: &Path) -> Result<Self, AdapterError> {
+        let bad = |path: &Path, message: String| AdapterError::Invalid { path: path.to_path_buf(), message };
+        let config: PeftConfig = serde_json::from_slice(config).map_err(|e| bad(config_path, format!("invalid adapter config: {e}")))?;
         if config.peft_type != "LORA" {
-            return Err(bad(&config_path, format!("peft_type is '{}', only LORA is supported", config.peft_type)));
+            return Err(bad(config_path, format!("peft_type is '{}', only LORA is supported", config.peft_type)));
         }
         if config.r == 0 {
-            return Err(bad(&config_path, "r is 0".into()));
+            return Err(bad(config_path, "r is 0".into()));
         }
-        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-            .map_err(|e| bad(&weights_path, format!("invalid safetensors: {e}")))?;
+        let tensors = candle_core::safetensors::load_buffer(weights, &Device::Cpu)
+            .map_err(|e| bad(weights_path, format!("invalid safetensors: {e}")))?;
         let mut halves: HashMap<ModuleKey, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for (name, tensor) in tensors {
             let Some((key, factor)) = ModuleKey::parse(&name) else {
                 return Err(bad(
-                    &weights_path,
+                    weights_path,
                     format!("unexpected tensor '{name}' (only lora_A/lora_B of q,k,v,o,gate,up,down projections are supported)"),
                 ));
             };
-            let tensor = tensor.to_dtype(DType::F32).map_err(|e| bad(&weights_path, e.to_string()))?;
+            let tensor = tensor.to_dtype(DType::F32).map_err(|e| bad(weights_path, e.to_string()))?;
             let entry = halves.entry(key).or_default();
             match factor {
                 Factor::A => entry.0 = Some(tensor),
@@ -213,28 +229,28 @@ impl LoraAdapter {
         let mut modules = BTreeMap::new();
         for (key, pair) in halves {
             let (Some(a), Some(b)) = pair else {
-                return Err(bad(&weights_path, format!("{} has only one of lora_A / lora_B", key.peft_prefix())));
+                return Err(bad(weights_path, format!("{} has only one of lora_A / lora_B", key.peft_prefix())));
             };
             let (Ok((ra, _)), Ok((_, rb))) = (a.dims2(), b.dims2()) else {
-                return Err(bad(&weights_path, format!("{}: LoRA factors must be matrices", key.peft_prefix())));
+                return Err(bad(weights_path, format!("{}: LoRA factors must be matrices", key.peft_prefix())));
             };
             if ra != config.r || rb != config.r {
                 return Err(bad(
-                    &weights_path,
+                    weights_path,
                     format!("{}: rank {ra}/{rb} in the weights but r = {} in {CONFIG_FILE}", key.peft_prefix(), config.r),
                 ));
             }
             modules.insert(key, LoraPair { a, b });
         }
         if modules.is_empty() {
-            return Err(bad(&weights_path, "no LoRA tensors".into()));
+            return Err(bad(weights_path, "no LoRA tensors".into()));
         }
         let adapter = Self { config, modules };
-        adapter.check_finite(&weights_path)?;
+        adapter.check_finite(weights_path)?;
         if let TargetModules::List(names) = &adapter.config.target_modules {
             for module in adapter.modules_present() {
                 if !names.iter().any(|n| n == module.hf_name()) {
-                    return Err(bad(&config_path, format!("weights adapt {} but target_modules is {names:?}", module.hf_name())));
+                    return Err(bad(config_path, format!("weights adapt {} but target_modules is {names:?}", module.hf_name())));
                 }
             }
         }

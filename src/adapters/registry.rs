@@ -290,12 +290,15 @@ impl AdapterRegistry {
     }
 
     /// Writes adapter `name` to `dest` as a plain PEFT directory (loadable by PEFT).
-    pub fn export(&self, name: &str, dest: &Path) -> Result<(), AdapterError> {
+    pub fn export(&self, name: &str, dest: &Path, base_model: Option<&str>) -> Result<(), AdapterError> {
         let installed = self.get(name)?;
         if dest.exists() && fs::read_dir(dest).map_err(|e| io(dest, e))?.next().is_some() {
             return Err(AdapterError::Invalid { path: dest.to_owned(), message: "the export directory exists and is not empty".into() });
         }
-        let adapter = LoraAdapter::load(&installed.dir)?;
+        let mut adapter = LoraAdapter::load(&installed.dir)?;
+        if let Some(base_model) = base_model {
+            adapter.config.base_model_name_or_path = Some(base_model.to_owned());
+        }
         adapter.save(dest)
     }
 
@@ -495,11 +498,12 @@ mod tests {
         assert!(registry.import(&source, Some("copy"), None, UNLIMITED).unwrap_err().to_string().contains("already installed"));
 
         let out = data.path().join("exported");
-        registry.export("extract-v1", &out).unwrap();
+        registry.export("extract-v1", &out, Some("org/original-model")).unwrap();
         let exported = LoraAdapter::load(&out).unwrap();
         assert_eq!(exported.modules.len(), adapter(1).modules.len());
+        assert_eq!(exported.config.base_model_name_or_path.as_deref(), Some("org/original-model"));
         assert!(!out.join(INFO_FILE).exists(), "an export is plain PEFT");
-        assert!(registry.export("extract-v1", &out).unwrap_err().to_string().contains("not empty"));
+        assert!(registry.export("extract-v1", &out, None).unwrap_err().to_string().contains("not empty"));
 
         registry.bind("extract", Some("extract-v1")).unwrap();
         registry.bind("update", Some("copy")).unwrap();

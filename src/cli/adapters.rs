@@ -181,7 +181,11 @@ fn run_command(env: &Env, command: AdaptersCommand) -> anyhow::Result<()> {
             }
         }
         AdaptersCommand::Export { name, dir } => {
-            registry.export(&name, &dir)?;
+            // PEFT loads an adapter onto the model its config names: the hub id of the
+            // original model rather than memlora's name for the quantised one.
+            let installed = registry.get(&name)?;
+            let hub_id = installed.base_model.as_deref().and_then(|base| env.catalog.get(base)).and_then(|m| m.base_model.clone());
+            registry.export(&name, &dir, hub_id.as_deref())?;
             println!("exported '{name}' to {} (PEFT format)", dir.display());
         }
         AdaptersCommand::Remove { name } => {

@@ -82,6 +82,7 @@ impl Env {
     pub fn new(data_dir: Option<PathBuf>, models_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let paths = Paths::resolve(data_dir, models_dir)?;
         create_private_dir(&paths.data_dir)?;
+        memlora::config::check_data_dir_links(&paths.data_dir)?;
         let log_guard = init_logging(&paths.data_dir);
         let config = Config::load(&paths.config_file)?;
         // candle sizes its thread pools from these before the first model op;
@@ -132,6 +133,7 @@ impl Env {
         if let Some(m) = &resolved.manifest {
             aliases.push(m.name.clone());
             aliases.extend(m.hub_repos());
+            aliases.extend(m.base_model.clone());
             chat_template = m.chat_template.clone();
         }
         let options = LoadOptions { weights, context: self.config.engine.context, tokenizer: None, chat_template, aliases };
@@ -476,8 +478,12 @@ fn parse_adapter_spec(spec: &str) -> anyhow::Result<(String, f32)> {
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot make data dir {} private", dir.display()))?;
+    // Only when needed: a private data dir on a read-only file system can still be read.
+    let mode = std::fs::metadata(dir).with_context(|| format!("cannot read data dir {}", dir.display()))?.permissions().mode();
+    if mode & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make data dir {} private", dir.display()))?;
+    }
     Ok(())
 }
 
@@ -486,7 +492,13 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 fn init_logging(data_dir: &Path) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let dir = data_dir.join("logs");
     std::fs::create_dir_all(&dir).ok()?;
-    let appender = tracing_appender::rolling::never(&dir, "memlora.log");
+    // The builder reports a log file it cannot open (a read-only data dir) instead of
+    // panicking as `rolling::never` does; memlora then runs without a log.
+    let appender = tracing_appender::rolling::Builder::new()
+        .rotation(tracing_appender::rolling::Rotation::NEVER)
+        .filename_prefix("memlora.log")
+        .build(&dir)
+        .ok()?;
     let (writer, guard) = tracing_appender::non_blocking(appender);
     let filter = tracing_subscriber::EnvFilter::try_from_env("MEMLORA_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_writer(writer).with_ansi(false).with_env_filter(filter).try_init().ok()?;

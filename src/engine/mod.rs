@@ -32,7 +32,7 @@ pub use error::{EngineError, Result};
 pub use lora::SlotId;
 pub use pool::{max_threads, set_max_threads};
 pub use tokenizer::{TextTokenizer, TokenTextStream};
-pub use weights::{Architecture, Checkpoint, DecoderConfig, RopeLayout, WeightFormat};
+pub use weights::{read_gguf_header, Architecture, Checkpoint, DecoderConfig, RopeLayout, WeightFormat};
 
 use crate::adapters::LoraAdapter;
 use constraint::Grammars;
@@ -338,8 +338,7 @@ impl ChatModel {
 
     fn check_base_model(&self, adapter: &LoraAdapter) -> std::result::Result<(), String> {
         let Some(base) = adapter.config.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()) else { return Ok(()) };
-        let short = |s: &str| s.rsplit('/').next().unwrap_or(s).to_lowercase();
-        if self.aliases.iter().any(|a| short(a) == short(base)) {
+        if self.aliases.iter().any(|alias| crate::adapters::peft::same_base_model(alias, base)) {
             Ok(())
         } else {
             Err(format!("trained for base model '{base}', but this model is {}", self.aliases.join(" / ")))

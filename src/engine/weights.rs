@@ -179,17 +179,9 @@ impl Checkpoint {
 
     fn open_gguf(path: &Path, format: WeightFormat) -> Result<Self> {
         let file = File::open(path).map_err(|e| bad_file(path, e))?;
+        let file_len = file.metadata().map_err(|e| bad_file(path, e))?.len();
         let mut reader = BufReader::new(file);
-        let mut magic = [0u8; 4];
-        if reader.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-            return Err(bad_file(path, "not a GGUF file (bad magic; expected 'GGUF')"));
-        }
-        use std::io::Seek;
-        reader.rewind().map_err(|e| bad_file(path, e))?;
-        let content =
-            gguf_file::Content::read(&mut reader).map_err(|e| bad_file(path, format!("corrupt or truncated GGUF header: {e}")))?;
-        check_gguf_length(path, &content)?;
-        let config = gguf_config(path, &content)?;
+        let (content, config) = read_gguf_header(&mut reader, file_len, path)?;
         let names = gguf_names(config.num_layers);
         let metadata = content.metadata.clone();
         Ok(Self {
@@ -315,17 +307,41 @@ fn first_with_extension(dir: &Path, ext: &str) -> Option<PathBuf> {
 
 /// A truncated download is the most common corrupt model: say so up front
 /// instead of failing on whichever tensor happens to be read first.
-fn check_gguf_length(path: &Path, content: &gguf_file::Content) -> Result<()> {
-    let file_len = std::fs::metadata(path).map_err(|e| bad_file(path, e))?.len();
-    let needed = content
-        .tensor_infos
-        .values()
-        .map(|info| {
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            content.tensor_data_offset + info.offset + bytes as u64
-        })
-        .max()
-        .unwrap_or(content.tensor_data_offset);
+/// Reads a GGUF file's header from `reader` (a file of `file_len` bytes named `path`):
+/// the magic, the metadata and tensor table, a check that every tensor lies inside the
+/// file, and the decoder configuration. Every failure is one line naming `path`.
+pub fn read_gguf_header<R: Read + std::io::Seek>(
+    reader: &mut R,
+    file_len: u64,
+    path: &Path,
+) -> Result<(gguf_file::Content, DecoderConfig)> {
+    let mut magic = [0u8; 4];
+    if reader.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        return Err(bad_file(path, "not a GGUF file (bad magic; expected 'GGUF')"));
+    }
+    reader.rewind().map_err(|e| bad_file(path, e))?;
+    let content = gguf_file::Content::read(reader).map_err(|e| bad_file(path, format!("corrupt or truncated GGUF header: {e}")))?;
+    check_gguf_length(path, file_len, &content)?;
+    let config = gguf_config(path, &content)?;
+    Ok((content, config))
+}
+
+fn check_gguf_length(path: &Path, file_len: u64, content: &gguf_file::Content) -> Result<()> {
+    let mut needed = content.tensor_data_offset;
+    for (name, info) in &content.tensor_infos {
+        // Shapes come from the file: an absurd one must not overflow into a small size.
+        let bytes = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .map(|elements| elements / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64)
+            .and_then(|bytes| content.tensor_data_offset.checked_add(info.offset)?.checked_add(bytes));
+        match bytes {
+            Some(end) => needed = needed.max(end),
+            None => return Err(bad_file(path, format!("GGUF tensor '{name}' has an impossible shape {:?}", info.shape.dims()))),
+        }
+    }
     if file_len < needed {
         return Err(bad_file(path, format!("truncated GGUF file: tensors need {needed} bytes, the file has {file_len}")));
     }

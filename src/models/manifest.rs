@@ -151,6 +151,10 @@ pub struct Manifest {
     pub license: Option<String>,
     /// Overrides the template in the weights' metadata; `None` means use that one.
     pub chat_template: Option<String>,
+    /// The hub id of the original model these weights were made from (e.g.
+    /// `HuggingFaceTB/SmolLM2-135M-Instruct` for a quantised GGUF): exported adapters
+    /// name it, so that PEFT loads them onto that model.
+    pub base_model: Option<String>,
     pub files: Vec<ManifestFile>,
     pub sources: Vec<Source>,
     pub origin: ManifestOrigin,
@@ -293,6 +297,7 @@ struct RawManifest {
     format: String,
     license: Option<String>,
     chat_template: Option<String>,
+    base_model: Option<String>,
     files: Vec<RawFile>,
     sources: Vec<RawSource>,
 }
@@ -343,6 +348,9 @@ impl RawManifest {
         if self.architecture.trim().is_empty() {
             return Err("architecture is empty".to_owned());
         }
+        if let Some(base) = self.base_model.as_deref().filter(|base| !is_hub_repo(base)) {
+            return Err(format!("base_model {base:?} must be a hub id like \"org/name\""));
+        }
         let files = validate_files(self.files)?;
         let file_names: BTreeSet<&str> = files.iter().map(|file| file.name.as_str()).collect();
         if self.sources.is_empty() {
@@ -367,6 +375,7 @@ impl RawManifest {
             format: self.format,
             license: self.license,
             chat_template: self.chat_template,
+            base_model: self.base_model,
             files,
             sources,
             origin,
