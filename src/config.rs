@@ -157,8 +157,8 @@ pub fn check_data_dir_links(data_dir: &Path) -> Result<(), ConfigError> {
             } else if kind.is_symlink() {
                 let target = std::fs::read_link(&path).unwrap_or_default();
                 // A dangling link is judged by where it points, as a write would follow it.
-                let resolved = std::fs::canonicalize(&path).unwrap_or_else(|_| dir.join(&target));
-                if !resolved.starts_with(&root) || resolved.components().any(|c| c == std::path::Component::ParentDir) {
+                let resolved = std::fs::canonicalize(&path).unwrap_or_else(|_| lexically_normal(&dir.join(&target)));
+                if !resolved.starts_with(&root) {
                     return Err(ConfigError::Invalid {
                         path: path.display().to_string(),
                         message: format!(
@@ -171,6 +171,21 @@ pub fn check_data_dir_links(data_dir: &Path) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// `path` with `.` and `..` resolved by name alone (for a path that does not exist).
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut normal = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    normal
 }
 
 fn data_dir_is_explicit(data_dir: &Path, dirs: &directories::ProjectDirs) -> bool {
@@ -252,6 +267,20 @@ fn unknown_key(table: &toml::Table, known: &toml::Table, prefix: &str) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dangling_links_are_judged_by_where_a_write_would_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("memory")).unwrap();
+        // Inside, by way of `..`: fine.
+        std::os::unix::fs::symlink("../adapters/not-yet", data.join("memory/shortcut")).unwrap();
+        check_data_dir_links(&data).unwrap();
+        // Out of the profile: refused, naming the link and its target.
+        std::os::unix::fs::symlink("../../elsewhere/file", data.join("memory/escape")).unwrap();
+        let message = check_data_dir_links(&data).unwrap_err().to_string();
+        assert!(message.contains("memory/escape") && message.contains("../../elsewhere/file"), "{message}");
+    }
 
     #[test]
     fn unreadable_misspelt_and_non_utf8_files_are_refused_naming_the_file() {

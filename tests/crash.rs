@@ -10,7 +10,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use memlora::memory::{MemoryFilter, MemoryStore, SearchQuery, INDEX_DIR, MEMORY_DIR};
@@ -23,19 +23,10 @@ const FACTS: &str = include_str!("../assets/facts-sample.jsonl");
 /// all-MiniLM-L6-v2.
 const DIMENSION: usize = 384;
 
-fn memlora_command(data_dir: &Path, models: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_memlora"));
-    command
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--models-dir")
-        .arg(models)
-        .args(args)
-        .env_remove("MEMLORA_DATA_DIR")
-        .env_remove("MEMLORA_MODELS_DIR")
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+/// Output on a pipe, so that acknowledgements can be read as they come.
+fn memlora_command(data_dir: &Path, models: &Path, args: &[&str]) -> std::process::Command {
+    let mut command = common::real_memlora_command(data_dir, models, args);
+    command.stdout(Stdio::piped()).stderr(Stdio::null());
     command
 }
 

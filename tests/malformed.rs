@@ -108,28 +108,35 @@ fn every_malformed_input_gets_one_line_naming_it_and_changes_nothing() {
     assert_eq!(store.len(), 1);
 }
 
-/// A profile with two memories, and what `memory list --json` says of it.
-fn profile_with_memories(data: &Path) -> serde_json::Value {
+/// A scratch dir holding a profile `data` with two memories, and what `memory list
+/// --json` says of them.
+fn profile_with_memories() -> (tempfile::TempDir, PathBuf, serde_json::Value) {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
     for text in ["My sister lives in Porto.", "I work as a nurse in Leeds."] {
-        let out = memlora_command(data).args(["memory", "add", text]).output().unwrap();
+        let out = memlora_command(&data).args(["memory", "add", text]).output().unwrap();
         assert!(out.status.success(), "{}", common::stderr(&out));
     }
-    common::json_of(data, &["memory", "list", "--json"])
+    let listed = common::json_of(&data, &["memory", "list", "--json"]);
+    (scratch, data, listed)
 }
 
-/// The memories are what they were, and the index agrees with the log.
-fn assert_memories_unchanged(data: &Path, listed: &serde_json::Value) {
-    assert_eq!(&common::json_of(data, &["memory", "list", "--json"]), listed, "the memories changed");
+/// The store opens (recovering from whatever happened) and its index agrees with its log.
+fn verify_store(data: &Path) {
     let embedder = Embedder::load(&data.join("tiny-bert")).unwrap();
     MemoryStore::open(data, embedder.dimension()).unwrap().verify().unwrap();
 }
 
+/// The index agrees with the log, and the memories are `listed`.
+fn assert_store_verifies(data: &Path, listed: &serde_json::Value) {
+    assert_eq!(&common::json_of(data, &["memory", "list", "--json"]), listed, "the memories changed");
+    verify_store(data);
+}
+
 #[test]
 fn a_symlink_out_of_the_data_dir_is_refused_before_anything_is_written() {
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    let listed = profile_with_memories(&data);
-    let outside = scratch.path().join("elsewhere");
+    let (scratch, data, listed) = profile_with_memories();
+let outside = scratch.path().join("elsewhere");
     std::fs::create_dir(&outside).unwrap();
     // Adapters written through this link would land outside the private profile.
     let link = data.join("adapters");
@@ -150,7 +157,7 @@ fn a_symlink_out_of_the_data_dir_is_refused_before_anything_is_written() {
     let out = memlora_command(&linked_profile).args(["memory", "list"]).output().unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     std::fs::remove_file(data.join("memories-shortcut")).unwrap();
-    assert_memories_unchanged(&data, &listed);
+    assert_store_verifies(&data, &listed);
 }
 
 /// `memlora ARGS` on `data` mounted read-only in a private mount namespace.
@@ -170,10 +177,8 @@ fn on_read_only_data_dir(data: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_read_only_data_dir_gets_one_line_and_stays_as_it_was() {
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    let listed = profile_with_memories(&data);
-    let export = scratch.path().join("export.jsonl");
+    let (scratch, data, listed) = profile_with_memories();
+let export = scratch.path().join("export.jsonl");
     let out = memlora_command(&data).args(["memory", "export", "--out", export.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     let before = snapshot(&data);
@@ -185,15 +190,13 @@ fn a_read_only_data_dir_gets_one_line_and_stays_as_it_was() {
         assert_one_line_error(&out, &[data.to_str().unwrap(), "Read-only file system"]);
     }
     assert_eq!(snapshot(&data), before, "the data dir changed");
-    assert_memories_unchanged(&data, &listed);
+    assert_store_verifies(&data, &listed);
 }
 
 #[test]
 fn a_full_disk_fails_the_change_in_one_line_and_loses_nothing() {
     use std::os::unix::process::CommandExt;
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    let listed = profile_with_memories(&data);
+    let (_scratch, data, listed) = profile_with_memories();
     let count = listed.as_array().unwrap().len();
     // RLIMIT_FSIZE makes every write past the limit fail with EFBIG, as a full disk fails
     // with ENOSPC; SIGXFSZ is ignored so that the write returns the error instead of
@@ -223,8 +226,7 @@ fn a_full_disk_fails_the_change_in_one_line_and_loses_nothing() {
         // either all there or not there at all.
         let now = common::json_of(&data, &["memory", "list", "--json"]);
         assert_eq!(now.as_array().unwrap().len(), count + added, "limit {limit}: {now}");
-        let embedder = Embedder::load(&data.join("tiny-bert")).unwrap();
-        MemoryStore::open(&data, embedder.dimension()).unwrap().verify().unwrap();
+        verify_store(&data);
     }
     assert!(added < 6, "no limit was small enough to fail a write");
     let now = common::json_of(&data, &["memory", "list", "--json"]);

@@ -7,23 +7,10 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use common::real_memlora_command as memlora_command;
 use serde_json::Value;
 
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo-conversation.json");
-
-fn memlora_command(data_dir: &Path, models: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_memlora"));
-    command
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--models-dir")
-        .arg(models)
-        .args(args)
-        .env_remove("MEMLORA_DATA_DIR")
-        .env_remove("MEMLORA_MODELS_DIR")
-        .env("HF_HUB_OFFLINE", "1");
-    command
-}
 
 fn run_json(data_dir: &Path, models: &Path, args: &[&str]) -> Value {
     let out: Output = memlora_command(data_dir, models, args).output().expect("run memlora");

@@ -478,7 +478,8 @@ fn parse_adapter_spec(spec: &str) -> anyhow::Result<(String, f32)> {
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    // Only when needed: a private data dir on a read-only file system can still be read.
+    // Only when needed: setting a mode is a write, which a read-only file system refuses
+    // even when the mode is already right (commands that only read models still work there).
     let mode = std::fs::metadata(dir).with_context(|| format!("cannot read data dir {}", dir.display()))?.permissions().mode();
     if mode & 0o777 != 0o700 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

@@ -630,7 +630,8 @@ fn check_text(text: &str) -> Result<(), String> {
 /// one: memories are private data.
 fn create_private_dir(dir: &Path) -> Result<(), MemoryError> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_error("create", dir))?;
-    // Only when needed, so that a private store on a read-only file system can be read.
+    // Only when needed: setting a mode is a write, which a read-only file system refuses
+    // even when the mode is already right.
     if fs::metadata(dir).map_err(io_error("read", dir))?.permissions().mode() & 0o777 != 0o700 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error("set permissions of", dir))?;
     }

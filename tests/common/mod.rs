@@ -391,6 +391,22 @@ pub fn real_models() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// The memlora binary on `data_dir` with the real models of `models` (see [`real_models`]),
+/// offline, running `args`.
+pub fn real_memlora_command(data_dir: &Path, models: &Path, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_memlora"));
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--models-dir")
+        .arg(models)
+        .args(args)
+        .env_remove("MEMLORA_DATA_DIR")
+        .env_remove("MEMLORA_MODELS_DIR")
+        .env("HF_HUB_OFFLINE", "1");
+    command
+}
+
 /// The memlora binary on `data_dir` with a tiny random sentence embedder (so that
 /// commands with memory run without the real models), its own model cache, and no hub.
 pub fn memlora_command(data_dir: &Path) -> std::process::Command {
